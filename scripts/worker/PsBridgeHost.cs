@@ -1,0 +1,672 @@
+// psbridge worker host: the compiled half of scripts/worker/worker.ps1.
+//
+// The script compiles this file once per user and PowerShell version (Add-Type, cached as a DLL) and
+// drives it. Everything here exists for one of three reasons:
+//   * speed: serializing PowerShell objects to JSON in script code is an order of magnitude slower;
+//   * threads: cancel messages must be read while a pipeline runs, which needs a real thread;
+//   * the operating system: keeping fd 1 private needs dup/dup2 (SetStdHandle on Windows).
+//
+// Protocol (one JSON object per line, UTF-8, no BOM):
+//   worker -> owner: ready, out, err, warn, verbose, debug, info, progress, done, fatal
+//   owner -> worker: setup, invoke, cancel, exit
+// Every message about a request carries its "id" so that late messages of an abandoned request can be
+// told apart from the current one.
+
+using System;
+using System.Buffers;
+using System.Collections;
+using System.Collections.Concurrent;
+using System.Collections.Generic;
+using System.Collections.ObjectModel;
+using System.Diagnostics;
+using System.Globalization;
+using System.IO;
+using System.Management.Automation;
+using System.Management.Automation.Runspaces;
+using System.Runtime.InteropServices;
+using System.Security;
+using System.Text;
+using System.Text.Encodings.Web;
+using System.Text.Json;
+using System.Threading;
+using Microsoft.PowerShell.Commands;
+using Microsoft.Win32.SafeHandles;
+
+namespace PsBridge
+{
+    /// <summary>Owns the protocol stream: the only writer of protocol lines.</summary>
+    public static class Protocol
+    {
+        public const int Version = 1;
+
+        private static readonly object Gate = new object();
+        private static readonly ArrayBufferWriter<byte> Buffer = new ArrayBufferWriter<byte>(64 * 1024);
+        private static readonly JsonWriterOptions WriterOptions = new JsonWriterOptions
+        {
+            // Raw UTF-8 instead of \uXXXX for every non-ASCII character: smaller and faster. Still valid JSON.
+            Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
+            SkipValidation = true,
+        };
+        private static Utf8JsonWriter writer;
+        private static Stream output;
+
+        /// <summary>Takes fd 1 (stdout) for the protocol and points everything else at stderr.</summary>
+        public static void Claim()
+        {
+            output = StdioGuard.TakeStdout();
+            writer = new Utf8JsonWriter(Buffer, WriterOptions);
+        }
+
+        /// <summary>Writes one message. Thread-safe; blocks while the owner is not reading (backpressure).</summary>
+        public static void Send(string type, long? id, Action<Utf8JsonWriter> body)
+        {
+            lock (Gate)
+            {
+                Buffer.Clear();
+                writer.Reset(Buffer);
+                writer.WriteStartObject();
+                writer.WriteString("t", type);
+                if (id.HasValue) writer.WriteNumber("id", id.Value);
+                body?.Invoke(writer);
+                writer.WriteEndObject();
+                writer.Flush();
+                output.Write(Buffer.WrittenSpan);
+                output.WriteByte((byte)'\n');
+                output.Flush();
+            }
+        }
+    }
+
+    /// <summary>Keeps the real stdin and stdout for the protocol and gives everyone else stand-ins.</summary>
+    /// <remarks>
+    /// Modules and commands write to the console in many ways: [Console]::WriteLine, banners, native
+    /// programs that inherit fd 1. Redirecting [Console]::Out is not enough for native programs, so on
+    /// Unix fd 1 is duplicated for the protocol and fd 2 is copied over fd 1; fd 0 is duplicated and
+    /// /dev/null put in its place so that a native program cannot swallow protocol messages.
+    /// </remarks>
+    public static class StdioGuard
+    {
+        [DllImport("libc", SetLastError = true)] private static extern int dup(int fd);
+        [DllImport("libc", SetLastError = true)] private static extern int dup2(int oldfd, int newfd);
+        [DllImport("libc", SetLastError = true)] private static extern int fcntl(int fd, int cmd, int arg);
+        [DllImport("kernel32.dll", SetLastError = true)] private static extern IntPtr GetStdHandle(int which);
+        [DllImport("kernel32.dll", SetLastError = true)] private static extern bool SetStdHandle(int which, IntPtr handle);
+
+        private const int F_SETFD = 2, FD_CLOEXEC = 1;
+        private const int STD_INPUT = -10, STD_OUTPUT = -11, STD_ERROR = -12;
+        private static readonly UTF8Encoding Utf8 = new UTF8Encoding(false);
+
+        public static Stream TakeStdout()
+        {
+            Stream protocol;
+            if (OperatingSystem.IsWindows())
+            {
+                IntPtr real = GetStdHandle(STD_OUTPUT);
+                SetStdHandle(STD_OUTPUT, GetStdHandle(STD_ERROR));
+                protocol = new FileStream(new SafeFileHandle(real, false), FileAccess.Write, 1);
+            }
+            else
+            {
+                int real = Check(dup(1), "dup(1)");
+                Check(fcntl(real, F_SETFD, FD_CLOEXEC), "fcntl"); // children must not inherit the protocol
+                Check(dup2(2, 1), "dup2(2, 1)");
+                protocol = new FileStream(new SafeFileHandle((IntPtr)real, true), FileAccess.Write, 1);
+            }
+            var stderr = new StreamWriter(Console.OpenStandardError(), Utf8) { AutoFlush = true };
+            Console.SetOut(stderr);
+            return protocol;
+        }
+
+        public static Stream TakeStdin()
+        {
+            if (OperatingSystem.IsWindows())
+            {
+                IntPtr real = GetStdHandle(STD_INPUT);
+                var nul = File.Open("NUL", FileMode.Open, FileAccess.Read);
+                SetStdHandle(STD_INPUT, nul.SafeFileHandle.DangerousGetHandle());
+                return new FileStream(new SafeFileHandle(real, false), FileAccess.Read, 1);
+            }
+            int fd = Check(dup(0), "dup(0)");
+            Check(fcntl(fd, F_SETFD, FD_CLOEXEC), "fcntl");
+            var devnull = File.Open("/dev/null", FileMode.Open, FileAccess.Read);
+            Check(dup2((int)devnull.SafeFileHandle.DangerousGetHandle(), 0), "dup2(null, 0)");
+            devnull.Dispose();
+            return new FileStream(new SafeFileHandle((IntPtr)fd, true), FileAccess.Read, 1);
+        }
+
+        private static int Check(int result, string what)
+        {
+            if (result < 0) throw new IOException(what + " failed: errno " + Marshal.GetLastWin32Error());
+            return result;
+        }
+    }
+
+    /// <summary>One message from the owner, parsed.</summary>
+    public sealed class Request
+    {
+        public string Type;
+        public long Id;
+        public JsonElement Body;
+    }
+
+    /// <summary>Reads owner messages on a thread of its own so that cancel works while a pipeline runs.</summary>
+    public static class Inbox
+    {
+        private static readonly BlockingCollection<Request> Queue = new BlockingCollection<Request>();
+        private static readonly ConcurrentDictionary<long, bool> Cancelled = new ConcurrentDictionary<long, bool>();
+        private static volatile bool exiting;
+
+        public static void Start()
+        {
+            var stdin = StdioGuard.TakeStdin();
+            var thread = new Thread(() => ReadLoop(stdin)) { IsBackground = true, Name = "psbridge-inbox" };
+            thread.Start();
+        }
+
+        /// <summary>The next request for the main loop; null once the owner said exit.</summary>
+        public static Request Take()
+        {
+            var request = Queue.Take();
+            return request.Type == "exit" ? null : request;
+        }
+
+        /// <summary>True (once) when the owner cancelled this request before it started.</summary>
+        public static bool TakeCancelled(long id) => Cancelled.TryRemove(id, out _);
+
+        private static void ReadLoop(Stream stdin)
+        {
+            var reader = new StreamReader(stdin, new UTF8Encoding(false), false, 64 * 1024);
+            while (true)
+            {
+                string line;
+                try { line = reader.ReadLine(); }
+                catch (IOException) { line = null; }
+                if (line == null)
+                {
+                    // EOF: the owner is gone (or closed us after "exit"). Without an owner nobody reads our
+                    // output, so leave at once, even in the middle of a command.
+                    if (!exiting) Environment.Exit(0);
+                    return;
+                }
+                if (line.Length == 0) continue;
+                Request request;
+                try { request = Parse(line); }
+                catch (Exception e)
+                {
+                    Protocol.Send("fatal", null, w => w.WriteString("message", "unparsable request: " + e.Message));
+                    continue;
+                }
+                switch (request.Type)
+                {
+                    case "cancel":
+                        if (!Executor.StopIfRunning(request.Id)) Cancelled[request.Id] = true;
+                        break;
+                    case "exit":
+                        exiting = true;
+                        Queue.Add(request);
+                        return;
+                    default:
+                        Queue.Add(request);
+                        break;
+                }
+            }
+        }
+
+        private static Request Parse(string line)
+        {
+            var doc = JsonDocument.Parse(line);
+            var root = doc.RootElement;
+            var request = new Request { Type = root.GetProperty("t").GetString(), Body = root };
+            if (root.TryGetProperty("id", out var id)) request.Id = id.GetInt64();
+            return request;
+        }
+    }
+
+    /// <summary>Turns protocol parameter values into the .NET values cmdlets bind to.</summary>
+    /// <remarks>
+    /// JSON has no dates, secure strings or byte arrays, so those travel as {"$psbridge": kind, "value": ...}.
+    /// Objects become hashtables, arrays object[]; numbers become int when they fit, else long, else double.
+    /// </remarks>
+    public static class Values
+    {
+        public static object From(JsonElement e)
+        {
+            switch (e.ValueKind)
+            {
+                case JsonValueKind.Null:
+                case JsonValueKind.Undefined: return null;
+                case JsonValueKind.True: return true;
+                case JsonValueKind.False: return false;
+                case JsonValueKind.String: return e.GetString();
+                case JsonValueKind.Number:
+                    if (e.TryGetInt32(out var i)) return i;
+                    if (e.TryGetInt64(out var l)) return l;
+                    return e.GetDouble();
+                case JsonValueKind.Array:
+                    var list = new object[e.GetArrayLength()];
+                    int n = 0;
+                    foreach (var item in e.EnumerateArray()) list[n++] = From(item);
+                    return list;
+                default:
+                    if (e.TryGetProperty("$psbridge", out var kind)) return Tagged(kind.GetString(), e.GetProperty("value"));
+                    var table = new Hashtable(StringComparer.OrdinalIgnoreCase);
+                    foreach (var p in e.EnumerateObject()) table[p.Name] = From(p.Value);
+                    return table;
+            }
+        }
+
+        private static object Tagged(string kind, JsonElement value)
+        {
+            switch (kind)
+            {
+                case "securestring":
+                    var secure = new SecureString();
+                    foreach (char c in value.GetString()) secure.AppendChar(c);
+                    secure.MakeReadOnly();
+                    return secure;
+                case "secret": return value.GetString();
+                case "datetime":
+                    var parsed = DateTimeOffset.Parse(value.GetString(), CultureInfo.InvariantCulture, DateTimeStyles.RoundtripKind);
+                    return parsed.Offset == TimeSpan.Zero ? parsed.UtcDateTime : parsed.LocalDateTime;
+                case "bytes": return Convert.FromBase64String(value.GetString());
+                default: throw new ArgumentException("unknown tagged value kind '" + kind + "'");
+            }
+        }
+    }
+
+    /// <summary>Writes PowerShell objects as JSON: property names and values, depth-bounded, cycle-safe.</summary>
+    public static class Serializer
+    {
+        public static int MaxDepth = 4;
+
+        public static void WriteObject(Utf8JsonWriter w, object value)
+        {
+            var path = new HashSet<object>(ReferenceEqualityComparer.Instance);
+            Write(w, value, 0, path);
+        }
+
+        public static void WriteTypeNames(Utf8JsonWriter w, object value)
+        {
+            w.WriteStartArray("types");
+            if (value is PSObject pso) foreach (var name in pso.TypeNames) w.WriteStringValue(name);
+            else if (value != null) foreach (var name in PSObject.AsPSObject(value).TypeNames) w.WriteStringValue(name);
+            w.WriteEndArray();
+        }
+
+        private static void Write(Utf8JsonWriter w, object value, int depth, HashSet<object> path)
+        {
+            if (value == null || value is DBNull || value == System.Management.Automation.Internal.AutomationNull.Value) { w.WriteNullValue(); return; }
+            var pso = value as PSObject;
+            object baseObject = pso != null ? pso.BaseObject : value;
+            if (WriteScalar(w, baseObject)) return;
+
+            // Every [pscustomobject] shares one BaseObject instance, so such an object is known by its PSObject.
+            bool custom = baseObject is PSCustomObject && pso != null;
+            object identity = custom ? pso : baseObject;
+            // Containers and complex objects: cut at the depth limit and on cycles, as ConvertTo-Json does.
+            if (depth >= MaxDepth || !path.Add(identity)) { w.WriteStringValue(SafeToString(identity)); return; }
+            try
+            {
+                if (custom) WriteProperties(w, pso, depth, path);
+                else if (baseObject is IDictionary dictionary) WriteDictionary(w, dictionary, depth, path);
+                else if (baseObject is IEnumerable enumerable) WriteArray(w, enumerable, depth, path);
+                else WriteProperties(w, pso ?? PSObject.AsPSObject(baseObject), depth, path);
+            }
+            finally { path.Remove(identity); }
+        }
+
+        private static bool WriteScalar(Utf8JsonWriter w, object v)
+        {
+            switch (v)
+            {
+                case string s: w.WriteStringValue(s); return true;
+                case bool b: w.WriteBooleanValue(b); return true;
+                case int i: w.WriteNumberValue(i); return true;
+                case long l: w.WriteNumberValue(l); return true;
+                case double d: WriteFloat(w, d); return true;
+                case float f: WriteFloat(w, f); return true;
+                case decimal m: w.WriteNumberValue(m); return true;
+                case byte b8: w.WriteNumberValue(b8); return true;
+                case sbyte s8: w.WriteNumberValue(s8); return true;
+                case short s16: w.WriteNumberValue(s16); return true;
+                case ushort u16: w.WriteNumberValue(u16); return true;
+                case uint u32: w.WriteNumberValue(u32); return true;
+                case ulong u64: w.WriteNumberValue(u64); return true;
+                case System.Numerics.BigInteger big: w.WriteRawValue(big.ToString(CultureInfo.InvariantCulture), true); return true;
+                case char c: w.WriteStringValue(c.ToString()); return true;
+                case DateTime dt: w.WriteStringValue(FormatDate(dt)); return true;
+                case DateTimeOffset dto: w.WriteStringValue(dto.ToString("yyyy-MM-dd'T'HH:mm:ss.FFFFFFFzzz", CultureInfo.InvariantCulture)); return true;
+                case Guid g: w.WriteStringValue(g.ToString("D")); return true;
+                case Enum e: w.WriteStringValue(e.ToString()); return true;
+                case TimeSpan ts: w.WriteStringValue(ts.ToString("c", CultureInfo.InvariantCulture)); return true;
+                case byte[] bytes: w.WriteBase64StringValue(bytes); return true;
+                case SwitchParameter sw: w.WriteBooleanValue(sw.IsPresent); return true;
+                case SecureString _: w.WriteStringValue("System.Security.SecureString"); return true;
+                case ScriptBlock sb: w.WriteStringValue(sb.ToString()); return true;
+                case Type t: w.WriteStringValue(t.FullName); return true;
+                case Uri u: w.WriteStringValue(u.OriginalString); return true;
+                case Version ver: w.WriteStringValue(ver.ToString()); return true;
+                case System.Net.IPAddress ip: w.WriteStringValue(ip.ToString()); return true;
+                default: return false;
+            }
+        }
+
+        private static void WriteFloat(Utf8JsonWriter w, double d)
+        {
+            if (double.IsFinite(d)) w.WriteNumberValue(d);
+            else w.WriteStringValue(d.ToString(CultureInfo.InvariantCulture));
+        }
+
+        /// <summary>ISO 8601 with offset; an unspecified kind is taken as local time, as PowerShell does.</summary>
+        public static string FormatDate(DateTime dt)
+        {
+            if (dt.Kind == DateTimeKind.Utc) return dt.ToString("yyyy-MM-dd'T'HH:mm:ss.FFFFFFF'Z'", CultureInfo.InvariantCulture);
+            var local = dt.Kind == DateTimeKind.Local ? dt : DateTime.SpecifyKind(dt, DateTimeKind.Local);
+            return new DateTimeOffset(local).ToString("yyyy-MM-dd'T'HH:mm:ss.FFFFFFFzzz", CultureInfo.InvariantCulture);
+        }
+
+        private static void WriteProperties(Utf8JsonWriter w, PSObject pso, int depth, HashSet<object> path)
+        {
+            w.WriteStartObject();
+            foreach (var property in pso.Properties)
+            {
+                if (!property.IsGettable) continue;
+                object value;
+                try { value = property.Value; }
+                catch (Exception) { value = null; } // a getter that throws must not lose the whole object
+                w.WritePropertyName(property.Name);
+                Write(w, value, depth + 1, path);
+            }
+            w.WriteEndObject();
+        }
+
+        private static void WriteDictionary(Utf8JsonWriter w, IDictionary dictionary, int depth, HashSet<object> path)
+        {
+            w.WriteStartObject();
+            foreach (DictionaryEntry entry in dictionary)
+            {
+                w.WritePropertyName(SafeToString(entry.Key));
+                Write(w, entry.Value, depth + 1, path);
+            }
+            w.WriteEndObject();
+        }
+
+        private static void WriteArray(Utf8JsonWriter w, IEnumerable items, int depth, HashSet<object> path)
+        {
+            w.WriteStartArray();
+            foreach (var item in items) Write(w, item, depth + 1, path);
+            w.WriteEndArray();
+        }
+
+        private static string SafeToString(object o)
+        {
+            try { return o?.ToString() ?? ""; }
+            catch (Exception) { return o.GetType().FullName; }
+        }
+
+        public static void WriteErrorRecord(Utf8JsonWriter w, ErrorRecord r, bool terminating)
+        {
+            w.WriteStartObject("v");
+            var exception = r.Exception;
+            w.WriteString("message", r.ErrorDetails?.Message ?? exception?.Message ?? r.ToString());
+            w.WriteString("exception_message", exception?.Message);
+            w.WriteString("exception_type", exception?.GetType().FullName);
+            w.WriteString("fully_qualified_error_id", r.FullyQualifiedErrorId);
+            var info = r.CategoryInfo;
+            w.WriteString("category", info.Category.ToString());
+            w.WriteString("activity", info.Activity);
+            w.WriteString("reason", info.Reason);
+            w.WriteString("target_name", info.TargetName);
+            w.WriteString("target_type", info.TargetType);
+            w.WriteString("category_info", info.GetMessage(CultureInfo.InvariantCulture));
+            w.WriteString("target_object", r.TargetObject is SecureString ? "System.Security.SecureString" : r.TargetObject?.ToString());
+            w.WriteString("script_stack_trace", r.ScriptStackTrace);
+            w.WriteString("position_message", r.InvocationInfo?.PositionMessage);
+            w.WriteString("command", r.InvocationInfo?.MyCommand?.Name);
+            w.WriteBoolean("terminating", terminating);
+            w.WriteEndObject();
+        }
+
+        public static void WriteInformation(Utf8JsonWriter w, InformationRecord r)
+        {
+            w.WriteStartObject("v");
+            w.WriteString("message", r.MessageData?.ToString());
+            w.WriteString("source", r.Source);
+            w.WriteStartArray("tags");
+            foreach (var tag in r.Tags) w.WriteStringValue(tag);
+            w.WriteEndArray();
+            w.WriteString("time_generated", FormatDate(r.TimeGenerated));
+            w.WriteEndObject();
+        }
+
+        public static void WriteProgress(Utf8JsonWriter w, ProgressRecord r)
+        {
+            w.WriteStartObject("v");
+            w.WriteString("activity", r.Activity);
+            w.WriteString("status_description", r.StatusDescription);
+            w.WriteString("current_operation", r.CurrentOperation);
+            w.WriteNumber("activity_id", r.ActivityId);
+            w.WriteNumber("parent_activity_id", r.ParentActivityId);
+            w.WriteNumber("percent_complete", r.PercentComplete);
+            w.WriteNumber("seconds_remaining", r.SecondsRemaining);
+            w.WriteString("record_type", r.RecordType.ToString());
+            w.WriteEndObject();
+        }
+    }
+
+    /// <summary>Builds the session (like InitialSessionState in Microsoft's C# sample) and runs requests in it.</summary>
+    public static class Executor
+    {
+        private static Runspace runspace;
+        private static readonly object CurrentGate = new object();
+        private static PowerShell current;
+        private static long currentId = -1;
+
+        public static void SendReady()
+        {
+            Protocol.Send("ready", null, w =>
+            {
+                w.WriteNumber("protocol", Protocol.Version);
+                w.WriteString("ps_version", PSVersionInfo.PSVersion.ToString());
+                w.WriteString("ps_edition", PSVersionInfo.PSEdition);
+                w.WriteString("os", RuntimeInformation.OSDescription);
+                w.WriteNumber("pid", Environment.ProcessId);
+            });
+        }
+
+        /// <summary>Handles one request from the main loop.</summary>
+        public static void Handle(Request request)
+        {
+            if (Inbox.TakeCancelled(request.Id)) { SendDone(request.Id, "Stopped", false, 0); return; }
+            try
+            {
+                switch (request.Type)
+                {
+                    case "setup": Setup(request); break;
+                    case "invoke": Invoke(request); break;
+                    default:
+                        Protocol.Send("fatal", request.Id, w => w.WriteString("message", "unknown request type '" + request.Type + "'"));
+                        break;
+                }
+            }
+            catch (Exception e) // a malformed request or a bug here: report it against the request, keep serving
+            {
+                SendError(request.Id, ToRecord(e, "PsBridgeWorkerError"), true);
+                SendDone(request.Id, "Failed", true, 0);
+            }
+        }
+
+        /// <summary>Called from the inbox thread: stops the running request if it is the one named.</summary>
+        public static bool StopIfRunning(long id)
+        {
+            lock (CurrentGate)
+            {
+                if (current == null || currentId != id) return false;
+                current.BeginStop(null, null); // Stop() has no bound of its own; the owner bounds the wait
+                return true;
+            }
+        }
+
+        public static void Close()
+        {
+            runspace?.Dispose();
+        }
+
+        private static void Setup(Request request)
+        {
+            var watch = Stopwatch.StartNew();
+            var body = request.Body;
+            var iss = InitialSessionState.CreateDefault2();
+            if (body.TryGetProperty("depth", out var depth)) Serializer.MaxDepth = depth.GetInt32();
+            if (body.TryGetProperty("modules", out var modules))
+            {
+                foreach (var module in modules.EnumerateArray()) iss.ImportPSModule(new[] { ModuleSpec(module) });
+            }
+            if (OperatingSystem.IsWindows() && body.TryGetProperty("execution_policy", out var policy) && policy.ValueKind == JsonValueKind.String)
+            {
+                iss.ExecutionPolicy = Enum.Parse<Microsoft.PowerShell.ExecutionPolicy>(policy.GetString(), true);
+            }
+            if (body.TryGetProperty("variables", out var variables))
+            {
+                foreach (var v in variables.EnumerateObject()) iss.Variables.Add(new SessionStateVariableEntry(v.Name, Values.From(v.Value), null));
+            }
+            iss.ThrowOnRunspaceOpenError = true;
+            try
+            {
+                runspace = RunspaceFactory.CreateRunspace(iss);
+                runspace.ThreadOptions = PSThreadOptions.ReuseThread; // one thread, so thread-affine module state holds
+                runspace.Open();
+                SendDone(request.Id, "Completed", false, watch.Elapsed.TotalMilliseconds);
+            }
+            catch (RunspaceOpenModuleLoadException e)
+            {
+                var records = e.ErrorRecords;
+                if (records != null) foreach (var record in records) SendError(request.Id, record, true);
+                if (records == null || records.Count == 0) SendError(request.Id, e.ErrorRecord, true);
+                SendDone(request.Id, "Failed", true, watch.Elapsed.TotalMilliseconds);
+            }
+            catch (Exception e)
+            {
+                SendError(request.Id, ToRecord(e, "SetupFailed"), true);
+                SendDone(request.Id, "Failed", true, watch.Elapsed.TotalMilliseconds);
+            }
+        }
+
+        private static ModuleSpecification ModuleSpec(JsonElement module)
+        {
+            var spec = new Hashtable { ["ModuleName"] = module.GetProperty("name").GetString() };
+            if (module.TryGetProperty("minimum_version", out var min) && min.ValueKind == JsonValueKind.String) spec["ModuleVersion"] = min.GetString();
+            else return new ModuleSpecification((string)spec["ModuleName"]);
+            return new ModuleSpecification(spec);
+        }
+
+        private static void Invoke(Request request)
+        {
+            long id = request.Id;
+            var watch = Stopwatch.StartNew();
+            if (runspace == null)
+            {
+                SendError(id, ToRecord(new InvalidOperationException("the worker has not been set up"), "NotSetUp"), true);
+                SendDone(id, "Failed", true, 0);
+                return;
+            }
+            using var ps = PowerShell.Create();
+            ps.Runspace = runspace;
+            bool terminatingSent = false;
+            try
+            {
+                Build(ps, request.Body);
+                Attach(ps, id);
+                var output = new PSDataCollection<PSObject>();
+                output.DataAdded += (sender, e) =>
+                {
+                    // ReadAll removes what was sent: the collection never holds more than one object.
+                    foreach (var item in output.ReadAll()) SendOutput(id, item);
+                };
+                lock (CurrentGate) { current = ps; currentId = id; }
+                ps.Invoke<PSObject, PSObject>(null, output, null);
+            }
+            catch (PipelineStoppedException) { }
+            catch (RuntimeException e)
+            {
+                SendError(id, e.ErrorRecord, true);
+                terminatingSent = true;
+            }
+            catch (Exception e) // bad parameters from the owner, a cmdlet that throws a plain .NET exception
+            {
+                SendError(id, ToRecord(e, e.GetType().Name), true);
+                terminatingSent = true;
+            }
+            finally
+            {
+                lock (CurrentGate) { current = null; currentId = -1; }
+            }
+            string state = ps.InvocationStateInfo.State == PSInvocationState.Stopped ? "Stopped"
+                : terminatingSent ? "Failed" : "Completed";
+            SendDone(id, state, ps.HadErrors || terminatingSent, watch.Elapsed.TotalMilliseconds);
+        }
+
+        /// <summary>Adds the steps of a request. Values are bound as parameters, never spliced into script text.</summary>
+        private static void Build(PowerShell ps, JsonElement body)
+        {
+            foreach (var step in body.GetProperty("pipeline").EnumerateArray())
+            {
+                if (step.TryGetProperty("script", out var script)) ps.AddScript(script.GetString(), false);
+                else ps.AddCommand(step.GetProperty("command").GetString());
+                AddParameters(ps, step);
+            }
+        }
+
+        private static void AddParameters(PowerShell ps, JsonElement holder)
+        {
+            if (!holder.TryGetProperty("parameters", out var parameters) || parameters.ValueKind != JsonValueKind.Object) return;
+            foreach (var p in parameters.EnumerateObject()) ps.AddParameter(p.Name, Values.From(p.Value));
+        }
+
+        /// <summary>Sends every record as it is written, so that the owner sees the streams in order.</summary>
+        private static void Attach(PowerShell ps, long id)
+        {
+            var s = ps.Streams;
+            s.Error.DataAdded += (_, __) => { foreach (var r in s.Error.ReadAll()) SendError(id, r, false); };
+            s.Warning.DataAdded += (_, __) => { foreach (var r in s.Warning.ReadAll()) SendText("warn", id, r.Message); };
+            s.Verbose.DataAdded += (_, __) => { foreach (var r in s.Verbose.ReadAll()) SendText("verbose", id, r.Message); };
+            s.Debug.DataAdded += (_, __) => { foreach (var r in s.Debug.ReadAll()) SendText("debug", id, r.Message); };
+            s.Information.DataAdded += (_, __) =>
+            {
+                foreach (var r in s.Information.ReadAll()) Protocol.Send("info", id, w => Serializer.WriteInformation(w, r));
+            };
+            s.Progress.DataAdded += (_, __) =>
+            {
+                foreach (var r in s.Progress.ReadAll()) Protocol.Send("progress", id, w => Serializer.WriteProgress(w, r));
+            };
+        }
+
+        private static void SendOutput(long id, PSObject item)
+        {
+            Protocol.Send("out", id, w =>
+            {
+                Serializer.WriteTypeNames(w, item);
+                w.WritePropertyName("v");
+                Serializer.WriteObject(w, item);
+            });
+        }
+
+        private static void SendText(string type, long id, string text) => Protocol.Send(type, id, w => w.WriteString("v", text));
+
+        private static void SendError(long id, ErrorRecord record, bool terminating) =>
+            Protocol.Send("err", id, w => Serializer.WriteErrorRecord(w, record, terminating));
+
+        private static void SendDone(long id, string state, bool hadErrors, double ms)
+        {
+            Protocol.Send("done", id, w =>
+            {
+                w.WriteString("state", state);
+                w.WriteBoolean("had_errors", hadErrors);
+                w.WriteNumber("duration_ms", ms);
+            });
+        }
+
+        private static ErrorRecord ToRecord(Exception e, string id) =>
+            e is IContainsErrorRecord c ? c.ErrorRecord : new ErrorRecord(e, id, ErrorCategory.NotSpecified, null);
+    }
+}

@@ -1,0 +1,83 @@
+<#
+.SYNOPSIS
+    psbridge worker: one long-lived PowerShell session driven over line-delimited JSON on stdin/stdout.
+
+.DESCRIPTION
+    Started by psbridge as `pwsh -NoLogo -NoProfile -NonInteractive -File worker.ps1 -CacheDirectory DIR`.
+    The protocol and the object serializer live in PsBridgeHost.cs beside this file; this script puts the
+    process into a safe state, loads that code, and runs the request loop.
+
+    Order matters: encodings and the stdio guard come before anything that could print, and the ready
+    message is the first line the owner ever sees on stdout.
+#>
+[CmdletBinding()]
+param(
+    # Where the compiled host is cached between workers; empty compiles in memory every time.
+    [string] $CacheDirectory = ''
+)
+
+Set-StrictMode -Version Latest
+# A failure of the worker's own plumbing must end the process (the owner reports exit status and
+# stderr); failures of user commands are handled inside the host and never reach this preference.
+$ErrorActionPreference = 'Stop'
+
+function Set-Utf8Everywhere {
+    # Pitfall: non-ASCII text garbles when these disagree. UTF-8 without BOM, both directions.
+    $utf8 = [System.Text.UTF8Encoding]::new($false)
+    [Console]::InputEncoding = $utf8
+    [Console]::OutputEncoding = $utf8
+    $global:OutputEncoding = $utf8
+    # stderr is read by people and logs: no ANSI colour codes around error text.
+    $PSStyle.OutputRendering = 'PlainText'
+}
+
+function Get-HostSourceHash {
+    param([string] $Source)
+    $bytes = [System.Text.Encoding]::UTF8.GetBytes($Source + $PSVersionTable.PSVersion.ToString())
+    [Convert]::ToHexString([System.Security.Cryptography.SHA256]::HashData($bytes)).Substring(0, 16)
+}
+
+function Import-BridgeHost {
+    <# Compiles PsBridgeHost.cs, or loads the DLL an earlier worker compiled from the same source. #>
+    param([string] $CacheDirectory)
+    if ('PsBridge.Protocol' -as [type]) { return }
+    $source = [System.IO.File]::ReadAllText((Join-Path $PSScriptRoot 'PsBridgeHost.cs'))
+    if (-not $CacheDirectory) {
+        Add-Type -TypeDefinition $source -Language CSharp
+        return
+    }
+    $dll = Join-Path $CacheDirectory ("PsBridgeHost-{0}.dll" -f (Get-HostSourceHash $source))
+    if (-not [System.IO.File]::Exists($dll)) {
+        [void][System.IO.Directory]::CreateDirectory($CacheDirectory)
+        # Compile to a private name, then rename: workers starting together never load a half-written DLL.
+        $partial = "$dll.$PID.tmp"
+        try {
+            Add-Type -TypeDefinition $source -Language CSharp -OutputAssembly $partial -OutputType Library
+            [System.IO.File]::Move($partial, $dll, $true)
+        }
+        finally {
+            [System.IO.File]::Delete($partial) # no-op after the rename
+        }
+    }
+    [void][System.Reflection.Assembly]::LoadFrom($dll)
+}
+
+function Invoke-RequestLoop {
+    # Requests run one at a time; cancel and exit are handled by the host's inbox thread meanwhile.
+    while ($null -ne ($request = [PsBridge.Inbox]::Take())) {
+        [PsBridge.Executor]::Handle($request)
+    }
+}
+
+Set-Utf8Everywhere
+Import-BridgeHost -CacheDirectory $CacheDirectory
+[PsBridge.Protocol]::Claim()
+[PsBridge.Inbox]::Start()
+[PsBridge.Executor]::SendReady()
+try {
+    Invoke-RequestLoop
+}
+finally {
+    [PsBridge.Executor]::Close()
+}
+exit 0

@@ -1,0 +1,152 @@
+//! What to run: a command, a pipeline of commands, or a script, with parameters bound by name.
+//!
+//! Parameter values travel as data and are bound with PowerShell's `AddParameter`; they are never
+//! pasted into script text, so a value such as `'; Remove-Item -Recurse /` is just a string.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde_json::{Map, Value};
+
+/// A parameter value.
+///
+/// Anything that converts into [`serde_json::Value`] converts into a `ParamValue`: strings, numbers,
+/// booleans (switches take `true`/`false`), `null`, arrays and objects (objects arrive as hashtables).
+/// The other variants carry what JSON cannot.
+#[derive(Debug, Clone)]
+pub enum ParamValue {
+    /// A JSON value.
+    Json(Value),
+    /// A `DateTime`, given as an RFC 3339 / ISO 8601 string such as `2026-01-31T12:00:00Z`.
+    DateTime(String),
+    /// A `byte[]`.
+    Bytes(Vec<u8>),
+    /// A secret that reaches the command as a `SecureString` (for example `CertificatePassword`).
+    SecureString(SecretString),
+    /// A secret that reaches the command as a plain string (for example `AccessToken`).
+    PlainSecret(SecretString),
+}
+
+impl<T: Into<Value>> From<T> for ParamValue {
+    fn from(value: T) -> Self {
+        ParamValue::Json(value.into())
+    }
+}
+
+/// What a pipeline step runs.
+#[derive(Debug, Clone)]
+pub(crate) enum Runnable {
+    /// A command by name.
+    Command(String),
+    /// Script text; its `param()` block receives the step's parameters.
+    Script(String),
+}
+
+/// One step of a pipeline.
+#[derive(Debug, Clone)]
+pub(crate) struct Step {
+    pub(crate) runnable: Runnable,
+    pub(crate) parameters: Vec<(String, ParamValue)>,
+}
+
+/// Something to run in a [`Runspace`](crate::Runspace).
+///
+/// ```
+/// use psbridge::Command;
+/// // Get-Mailbox -Identity ContosoUser1 -ResultSize 10
+/// let get = Command::new("Get-Mailbox").param("Identity", "ContosoUser1").param("ResultSize", 10);
+/// // Get-Mailbox -ResultSize Unlimited | Select-Object -First 5 (a script can be piped the same way)
+/// let first = Command::new("Get-Mailbox").param("ResultSize", "Unlimited").pipe("Select-Object").param("First", 5);
+/// // a script whose param() block receives the values
+/// let script = Command::script("param($Name) \"Hello, $Name\"").param("Name", "world");
+/// // Set-Mailbox ... -WhatIf
+/// let what_if = Command::new("Set-Mailbox").param("Identity", "ContosoUser1").switch("WhatIf");
+/// assert_eq!(get.name(), "Get-Mailbox");
+/// assert_eq!(script.name(), "<script>");
+/// # let _ = (first, what_if);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub(crate) steps: Vec<Step>,
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl Command {
+    /// A command (cmdlet, function, alias or script path) by name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self::start(Runnable::Command(name.into()))
+    }
+
+    /// A script. Its `param()` block receives the parameters added with [`param`](Self::param).
+    pub fn script(text: impl Into<String>) -> Self {
+        Self::start(Runnable::Script(text.into()))
+    }
+
+    fn start(runnable: Runnable) -> Self {
+        Command { steps: vec![Step { runnable, parameters: Vec::new() }], timeout: None }
+    }
+
+    /// Adds a named parameter to the last step of the pipeline.
+    pub fn param(mut self, name: impl Into<String>, value: impl Into<ParamValue>) -> Self {
+        self.parameters_mut().push((name.into(), value.into()));
+        self
+    }
+
+    /// Adds every entry of a JSON object as a named parameter, in order.
+    pub fn params(mut self, parameters: Map<String, Value>) -> Self {
+        self.parameters_mut().extend(parameters.into_iter().map(|(k, v)| (k, ParamValue::Json(v))));
+        self
+    }
+
+    /// Sets a switch parameter (`-Name`); use `param(name, false)` for `-Name:$false`.
+    pub fn switch(self, name: impl Into<String>) -> Self {
+        self.param(name, true)
+    }
+
+    /// Adds a secret that the command receives as a `SecureString`.
+    ///
+    /// The secret travels only over the worker's stdin; it is never in argv, the environment, a file,
+    /// a log line or `Debug` output, and psbridge masks it in the error records of a failed connect.
+    pub fn secure_param(self, name: impl Into<String>, secret: SecretString) -> Self {
+        self.param(name, ParamValue::SecureString(secret))
+    }
+
+    /// Adds a secret that the command receives as a plain string (for parameters typed `string`, such as
+    /// `AccessToken`). Handled as carefully as [`secure_param`](Self::secure_param) on the Rust side.
+    pub fn secret_param(self, name: impl Into<String>, secret: SecretString) -> Self {
+        self.param(name, ParamValue::PlainSecret(secret))
+    }
+
+    /// Pipes into another command: `self | name`. Later [`param`](Self::param) calls go to `name`.
+    pub fn pipe(mut self, name: impl Into<String>) -> Self {
+        self.steps.push(Step { runnable: Runnable::Command(name.into()), parameters: Vec::new() });
+        self
+    }
+
+    /// Overrides the runspace's command timeout for this command.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The first command's name, or `<script>`.
+    pub fn name(&self) -> &str {
+        match &self.steps[0].runnable {
+            Runnable::Command(name) => name,
+            Runnable::Script(_) => "<script>",
+        }
+    }
+
+    /// The secrets among the parameters, to mask them in error records.
+    pub(crate) fn secrets(&self) -> impl Iterator<Item = &SecretString> {
+        self.steps.iter().flat_map(|s| s.parameters.iter()).filter_map(|(_, v)| match v {
+            ParamValue::SecureString(s) | ParamValue::PlainSecret(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn parameters_mut(&mut self) -> &mut Vec<(String, ParamValue)> {
+        // `steps` is never empty: every constructor makes one step and nothing removes steps.
+        &mut self.steps.last_mut().expect("a command has at least one step").parameters
+    }
+}

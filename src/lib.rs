@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod command;
+mod errors;
+mod locate;
+mod process;
+mod protocol;
+mod records;
+mod runspace;
+mod worker_files;
+
+pub use command::{Command, ParamValue};
+pub use errors::{Error, Result, WorkerExit};
+pub use locate::{PWSH_ENV, find_pwsh};
+pub use protocol::{ModuleSpec, WorkerInfo};
+pub use records::{
+    Completion, ErrorRecord, InformationRecord, InvocationResult, PipelineState, ProgressRecord, PsObject, StreamItem,
+};
+pub use runspace::{CancelHandle, Invocation, Runspace, RunspaceBuilder};
+
+pub use secrecy::SecretString;

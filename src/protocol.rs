@@ -1,0 +1,299 @@
+//! The line protocol between the library and `scripts/worker/worker.ps1`.
+//!
+//! One JSON object per line, UTF-8, in both directions. Every message about a request carries the
+//! request's `id`; messages of a request the library no longer waits for are dropped by id.
+//!
+//! Owner to worker: `setup`, `invoke`, `cancel`, `exit`. Worker to owner: `ready` (first line, once),
+//! then per request any number of `out`, `err`, `warn`, `verbose`, `debug`, `info`, `progress` and
+//! exactly one `done`; `fatal` for a request it could not even read.
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use zeroize::Zeroizing;
+
+use crate::command::{Command, ParamValue, Runnable, Step};
+use crate::errors::{Error, Result};
+use crate::records::{Completion, ErrorRecord, InformationRecord, PipelineState, ProgressRecord, PsObject, StreamItem};
+
+/// The protocol version this library speaks; the worker announces its own in `ready`.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// The worker's first line.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerInfo {
+    /// Protocol version the worker speaks.
+    pub protocol: u32,
+    /// `$PSVersionTable.PSVersion`, for example `7.6.9`.
+    pub ps_version: String,
+    /// `Core` or `Desktop`.
+    pub ps_edition: String,
+    /// The operating system, as .NET describes it.
+    pub os: String,
+    /// The worker's process id.
+    pub pid: u32,
+}
+
+/// A module to import when the session opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleSpec {
+    /// A module name (found on `PSModulePath`) or a path to a `.psd1`/`.psm1`.
+    pub name: String,
+    /// The lowest acceptable version, if any.
+    pub minimum_version: Option<String>,
+}
+
+/// Session set-up, sent once after the handshake.
+pub(crate) struct Setup<'a> {
+    pub(crate) id: u64,
+    pub(crate) modules: &'a [ModuleSpec],
+    pub(crate) execution_policy: Option<&'a str>,
+    pub(crate) variables: &'a serde_json::Map<String, Value>,
+    pub(crate) depth: u32,
+}
+
+impl Serialize for Setup<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        struct Modules<'a>(&'a [ModuleSpec]);
+        impl Serialize for Modules<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                for m in self.0 {
+                    seq.serialize_element(&serde_json::json!({"name": m.name, "minimum_version": m.minimum_version}))?;
+                }
+                seq.end()
+            }
+        }
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("t", "setup")?;
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("modules", &Modules(self.modules))?;
+        map.serialize_entry("execution_policy", &self.execution_policy)?;
+        map.serialize_entry("variables", self.variables)?;
+        map.serialize_entry("depth", &self.depth)?;
+        map.end()
+    }
+}
+
+/// Encodes a message as one line. The buffer is wiped when dropped, because an `invoke` may hold secrets.
+pub(crate) fn encode(message: &impl Serialize) -> Zeroizing<Vec<u8>> {
+    let mut line = Zeroizing::new(Vec::with_capacity(256));
+    serde_json::to_writer(&mut *line, message).expect("protocol messages always serialize");
+    line.push(b'\n');
+    line
+}
+
+/// An `invoke` request. Serializing it exposes secrets: only [`encode`] does that, for the worker's stdin.
+pub(crate) struct Invoke<'a> {
+    pub(crate) id: u64,
+    pub(crate) command: &'a Command,
+}
+
+impl Serialize for Invoke<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(3))?;
+        map.serialize_entry("t", "invoke")?;
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("pipeline", &Steps(&self.command.steps))?;
+        map.end()
+    }
+}
+
+struct Steps<'a>(&'a [Step]);
+
+impl Serialize for Steps<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for step in self.0 {
+            seq.serialize_element(&StepWire(step))?;
+        }
+        seq.end()
+    }
+}
+
+struct StepWire<'a>(&'a Step);
+
+impl Serialize for StepWire<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(2))?;
+        match &self.0.runnable {
+            Runnable::Command(name) => map.serialize_entry("command", name)?,
+            Runnable::Script(text) => map.serialize_entry("script", text)?,
+        }
+        map.serialize_entry("parameters", &Parameters(&self.0.parameters))?;
+        map.end()
+    }
+}
+
+struct Parameters<'a>(&'a [(String, ParamValue)]);
+
+impl Serialize for Parameters<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            map.serialize_entry(name, &ValueWire(value))?;
+        }
+        map.end()
+    }
+}
+
+/// Values JSON cannot carry travel as `{"$psbridge": kind, "value": ...}`.
+struct ValueWire<'a>(&'a ParamValue);
+
+impl Serialize for ValueWire<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let (kind, value): (&str, &str) = match self.0 {
+            ParamValue::Json(v) => return v.serialize(s),
+            ParamValue::Bytes(bytes) => {
+                let encoded = Zeroizing::new(base64_encode(bytes));
+                return tagged(s, "bytes", &encoded);
+            }
+            ParamValue::DateTime(text) => ("datetime", text),
+            ParamValue::SecureString(secret) => ("securestring", secret.expose_secret()),
+            ParamValue::PlainSecret(secret) => ("secret", secret.expose_secret()),
+        };
+        tagged(s, kind, value)
+    }
+}
+
+fn tagged<S: Serializer>(s: S, kind: &str, value: &str) -> std::result::Result<S::Ok, S::Error> {
+    let mut map = s.serialize_map(Some(2))?;
+    map.serialize_entry("$psbridge", kind)?;
+    map.serialize_entry("value", value)?;
+    map.end()
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A `cancel` or `exit` message.
+pub(crate) fn control(kind: &str, id: Option<u64>) -> Zeroizing<Vec<u8>> {
+    encode(&serde_json::json!({"t": kind, "id": id}))
+}
+
+/// A message from the worker, decoded.
+#[derive(Debug)]
+pub(crate) enum Message {
+    Ready(WorkerInfo),
+    Item(u64, StreamItem),
+    Done(u64, Completion),
+    Fatal(Option<u64>, String),
+}
+
+/// The envelope every worker message shares; `v` is decoded according to `t`.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    t: &'a str,
+    id: Option<u64>,
+    #[serde(borrow)]
+    v: Option<&'a RawValue>,
+    #[serde(default)]
+    types: Vec<String>,
+    state: Option<PipelineState>,
+    had_errors: Option<bool>,
+    duration_ms: Option<f64>,
+    message: Option<String>,
+}
+
+/// Decodes one line from the worker.
+pub(crate) fn decode(line: &str) -> Result<Message> {
+    let bad = |why: String| Error::ProtocolViolation(format!("{why} in worker line {}", preview(line)));
+    if line.starts_with(r#"{"t":"ready""#) {
+        return serde_json::from_str(line).map(Message::Ready).map_err(|e| bad(e.to_string()));
+    }
+    let envelope: Envelope<'_> = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+    if envelope.t == "fatal" {
+        return Ok(Message::Fatal(envelope.id, envelope.message.unwrap_or_default()));
+    }
+    let id = envelope.id.ok_or_else(|| bad("message without id".into()))?;
+    if envelope.t == "done" {
+        let completion = Completion {
+            had_errors: envelope.had_errors.unwrap_or(false),
+            state: envelope.state.ok_or_else(|| bad("done without state".into()))?,
+            duration: Duration::from_secs_f64(envelope.duration_ms.unwrap_or(0.0).max(0.0) / 1000.0),
+        };
+        return Ok(Message::Done(id, completion));
+    }
+    let raw = envelope.v.ok_or_else(|| bad(format!("'{}' without a value", envelope.t)))?.get();
+    let parse_err = |e: serde_json::Error| bad(e.to_string());
+    let item = match envelope.t {
+        "out" => StreamItem::Output(PsObject {
+            type_names: envelope.types,
+            value: serde_json::from_str(raw).map_err(parse_err)?,
+        }),
+        "err" => StreamItem::Error(Box::new(serde_json::from_str::<ErrorRecord>(raw).map_err(parse_err)?)),
+        "warn" => StreamItem::Warning(serde_json::from_str(raw).map_err(parse_err)?),
+        "verbose" => StreamItem::Verbose(serde_json::from_str(raw).map_err(parse_err)?),
+        "debug" => StreamItem::Debug(serde_json::from_str(raw).map_err(parse_err)?),
+        "info" => StreamItem::Information(serde_json::from_str::<InformationRecord>(raw).map_err(parse_err)?),
+        "progress" => StreamItem::Progress(serde_json::from_str::<ProgressRecord>(raw).map_err(parse_err)?),
+        other => return Err(bad(format!("unknown message type '{other}'"))),
+    };
+    Ok(Message::Item(id, item))
+}
+
+/// The start of a line, for error messages: enough to recognise it, never a whole object.
+fn preview(line: &str) -> String {
+    let cut: String = line.chars().take(120).collect();
+    if cut.len() < line.len() { format!("{cut:?}...") } else { format!("{cut:?}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    #[test]
+    fn invoke_encodes_values_by_kind_and_never_as_script_text() {
+        let command = Command::new("Connect-ExchangeOnline")
+            .param("AppId", "a")
+            .param("Since", ParamValue::DateTime("2026-01-01T00:00:00Z".into()))
+            .param("Blob", ParamValue::Bytes(vec![1, 2, 3, 255]))
+            .secure_param("CertificatePassword", SecretString::from("p@ss"))
+            .pipe("Select-Object")
+            .param("First", 1);
+        let line = encode(&Invoke { id: 7, command: &command });
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["t"], "invoke");
+        assert_eq!(v["id"], 7);
+        let first = &v["pipeline"][0];
+        assert_eq!(first["command"], "Connect-ExchangeOnline");
+        assert_eq!(first["parameters"]["Since"], serde_json::json!({"$psbridge": "datetime", "value": "2026-01-01T00:00:00Z"}));
+        assert_eq!(first["parameters"]["Blob"]["value"], "AQID/w==");
+        assert_eq!(first["parameters"]["CertificatePassword"]["$psbridge"], "securestring");
+        assert_eq!(v["pipeline"][1]["parameters"]["First"], 1);
+        assert!(!format!("{command:?}").contains("p@ss"), "Debug output must not show secrets");
+    }
+
+    #[test]
+    fn base64_pads_like_rfc_4648() {
+        assert_eq!(base64_encode(b""), "");
+        assert_eq!(base64_encode(b"f"), "Zg==");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert_eq!(base64_encode(b"foo"), "Zm9v");
+        assert_eq!(base64_encode(b"foob"), "Zm9vYg==");
+    }
+
+    #[test]
+    fn decode_reads_each_message_kind() {
+        let m = decode(r#"{"t":"out","id":3,"types":["System.String"],"v":"x"}"#).unwrap();
+        assert!(matches!(m, Message::Item(3, StreamItem::Output(ref o)) if o.value == "x"));
+        let m = decode(r#"{"t":"done","id":3,"state":"Stopped","had_errors":false,"duration_ms":1.5}"#).unwrap();
+        assert!(matches!(m, Message::Done(3, c) if c.state == PipelineState::Stopped));
+        let m = decode(r#"{"t":"ready","protocol":1,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":9}"#).unwrap();
+        assert!(matches!(m, Message::Ready(ref i) if i.pid == 9));
+    }
+
+    #[test]
+    fn decode_rejects_what_is_not_a_message() {
+        for line in ["hello", r#"{"t":"out","v":1}"#, r#"{"t":"nope","id":1,"v":1}"#, r#"{"t":"done","id":1}"#] {
+            assert!(matches!(decode(line), Err(Error::ProtocolViolation(_))), "{line}");
+        }
+    }
+}

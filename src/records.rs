@@ -1,0 +1,214 @@
+//! What a command produces: output objects and the records of PowerShell's other five streams.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One object from the output stream.
+///
+/// `value` holds the object's properties as JSON (strings, numbers, booleans, null, arrays, objects);
+/// dates are ISO 8601 strings with an offset, enums their names, byte arrays base64, and anything nested
+/// deeper than the configured depth its `ToString()`. `type_names` is PowerShell's `pstypenames`, most
+/// specific first.
+///
+/// ```
+/// use psbridge::PsObject;
+/// let o = PsObject { type_names: vec!["System.String".into(), "System.Object".into()], value: "x".into() };
+/// assert_eq!(o.value.as_str(), Some("x"));
+/// assert!(o.is_type("System.String"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PsObject {
+    /// `pstypenames`, most specific first.
+    pub type_names: Vec<String>,
+    /// The object as JSON.
+    pub value: Value,
+}
+
+impl PsObject {
+    /// Whether `name` is one of the object's type names.
+    pub fn is_type(&self, name: &str) -> bool {
+        self.type_names.iter().any(|t| t == name)
+    }
+
+    /// A property of the object, if it is an object and has it.
+    ///
+    /// ```
+    /// use psbridge::PsObject;
+    /// let o = PsObject { type_names: vec![], value: serde_json::json!({"Alias": "ContosoUser1"}) };
+    /// assert_eq!(o.property("Alias").and_then(|v| v.as_str()), Some("ContosoUser1"));
+    /// ```
+    pub fn property(&self, name: &str) -> Option<&Value> {
+        self.value.get(name)
+    }
+}
+
+/// A PowerShell `ErrorRecord`, with the fields people look at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    /// What PowerShell shows: `ErrorDetails.Message` when set, else the exception's message.
+    pub message: String,
+    /// `Exception.Message`.
+    pub exception_message: Option<String>,
+    /// The exception's full .NET type name.
+    pub exception_type: Option<String>,
+    /// `FullyQualifiedErrorId`.
+    pub fully_qualified_error_id: Option<String>,
+    /// `CategoryInfo.Category`, for example `ObjectNotFound`.
+    pub category: String,
+    /// `CategoryInfo.Activity`.
+    pub activity: Option<String>,
+    /// `CategoryInfo.Reason`.
+    pub reason: Option<String>,
+    /// `CategoryInfo.TargetName`.
+    pub target_name: Option<String>,
+    /// `CategoryInfo.TargetType`.
+    pub target_type: Option<String>,
+    /// The whole `CategoryInfo` line, for example `NotSpecified: (:) [Get-Recipient], ManagementObjectNotFoundException`.
+    pub category_info: Option<String>,
+    /// `TargetObject.ToString()`.
+    pub target_object: Option<String>,
+    /// `ScriptStackTrace`.
+    pub script_stack_trace: Option<String>,
+    /// `InvocationInfo.PositionMessage`.
+    pub position_message: Option<String>,
+    /// The command that wrote the error, when known.
+    pub command: Option<String>,
+    /// Whether the error stopped the pipeline (a thrown error) rather than being written and passed over.
+    pub terminating: bool,
+}
+
+/// A record of the Information stream (`Write-Information`, and `Write-Host` with the tag `PSHOST`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InformationRecord {
+    /// `MessageData.ToString()`.
+    pub message: Option<String>,
+    /// `Source`, for example `Write-Host`.
+    pub source: Option<String>,
+    /// `Tags`.
+    pub tags: Vec<String>,
+    /// `TimeGenerated`, ISO 8601.
+    pub time_generated: Option<String>,
+}
+
+/// A record of the Progress stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    /// `Activity`.
+    pub activity: Option<String>,
+    /// `StatusDescription`.
+    pub status_description: Option<String>,
+    /// `CurrentOperation`.
+    pub current_operation: Option<String>,
+    /// `ActivityId`.
+    pub activity_id: i32,
+    /// `ParentActivityId`.
+    pub parent_activity_id: i32,
+    /// `PercentComplete` (-1 when unknown).
+    pub percent_complete: i32,
+    /// `SecondsRemaining` (-1 when unknown).
+    pub seconds_remaining: i32,
+    /// `Processing` or `Completed`.
+    pub record_type: String,
+}
+
+/// One item of any of the six streams, in the order PowerShell wrote them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    /// An output object.
+    Output(PsObject),
+    /// An error record (boxed: records are large and rare, output objects small and many).
+    Error(Box<ErrorRecord>),
+    /// A warning message.
+    Warning(String),
+    /// A verbose message.
+    Verbose(String),
+    /// A debug message.
+    Debug(String),
+    /// An information record (Write-Host included).
+    Information(InformationRecord),
+    /// A progress record.
+    Progress(ProgressRecord),
+}
+
+/// How a pipeline ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PipelineState {
+    /// It ran to the end (error records may still have been written).
+    #[default]
+    Completed,
+    /// A terminating error ended it; the record is in the errors with `terminating: true`.
+    Failed,
+    /// It was stopped (cancel or timeout).
+    Stopped,
+}
+
+/// How a command ended, apart from what it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// What PowerShell's `HadErrors` says: any error record was written or a terminating error was thrown.
+    pub had_errors: bool,
+    /// How the pipeline ended.
+    pub state: PipelineState,
+    /// Time spent running the pipeline inside the worker.
+    pub duration: Duration,
+}
+
+/// Everything a command produced, each stream kept apart and in order.
+///
+/// This is what `PowerShell.Invoke()` plus `Streams` gives in C#: check [`had_errors`](Self::had_errors)
+/// and read [`errors`](Self::errors), as Microsoft's sample does.
+///
+/// ```
+/// use psbridge::{InvocationResult, StreamItem};
+/// let mut r = InvocationResult::default();
+/// r.push(StreamItem::Warning("careful".into()));
+/// assert_eq!(r.warnings, ["careful"]);
+/// assert!(!r.had_errors);
+/// ```
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct InvocationResult {
+    /// Output objects.
+    pub output: Vec<PsObject>,
+    /// Error records, terminating or not.
+    pub errors: Vec<ErrorRecord>,
+    /// Warning messages.
+    pub warnings: Vec<String>,
+    /// Verbose messages.
+    pub verbose: Vec<String>,
+    /// Debug messages.
+    pub debug: Vec<String>,
+    /// Information records.
+    pub information: Vec<InformationRecord>,
+    /// Progress records.
+    pub progress: Vec<ProgressRecord>,
+    /// PowerShell's `HadErrors`.
+    pub had_errors: bool,
+    /// How the pipeline ended (`Completed` until [`complete`](Self::complete) says otherwise).
+    pub state: PipelineState,
+    /// Time spent in the worker.
+    pub duration: Duration,
+}
+
+impl InvocationResult {
+    /// Files one stream item under its stream.
+    pub fn push(&mut self, item: StreamItem) {
+        match item {
+            StreamItem::Output(o) => self.output.push(o),
+            StreamItem::Error(e) => self.errors.push(*e),
+            StreamItem::Warning(w) => self.warnings.push(w),
+            StreamItem::Verbose(v) => self.verbose.push(v),
+            StreamItem::Debug(d) => self.debug.push(d),
+            StreamItem::Information(i) => self.information.push(i),
+            StreamItem::Progress(p) => self.progress.push(p),
+        }
+    }
+
+    /// Records how the command ended.
+    pub fn complete(&mut self, completion: Completion) {
+        self.had_errors = completion.had_errors;
+        self.state = completion.state;
+        self.duration = completion.duration;
+    }
+}

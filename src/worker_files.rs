@@ -1,0 +1,78 @@
+//! The worker script, embedded in the library and written to a private folder when needed.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+
+const WORKER_SCRIPT: &str = include_str!("../scripts/worker/worker.ps1");
+const WORKER_HOST: &str = include_str!("../scripts/worker/PsBridgeHost.cs");
+
+/// A private temporary folder holding `worker.ps1` and `PsBridgeHost.cs`.
+///
+/// Written once and shared by every runspace alive at the same time; the folder is removed when the
+/// last of them is gone.
+#[derive(Debug)]
+pub(crate) struct WorkerFiles {
+    dir: tempfile::TempDir,
+}
+
+impl WorkerFiles {
+    /// The shared copy, written now if no runspace holds one.
+    pub(crate) fn shared() -> std::io::Result<Arc<WorkerFiles>> {
+        static CURRENT: Mutex<Weak<WorkerFiles>> = Mutex::new(Weak::new());
+        let mut current = CURRENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(files) = current.upgrade() {
+            return Ok(files);
+        }
+        let files = Arc::new(Self::write()?);
+        *current = Arc::downgrade(&files);
+        Ok(files)
+    }
+
+    fn write() -> std::io::Result<WorkerFiles> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("psbridge-worker-");
+        // Only the owner may read or replace the script pwsh is about to run.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
+        let dir = builder.tempdir()?;
+        std::fs::write(dir.path().join("worker.ps1"), WORKER_SCRIPT)?;
+        std::fs::write(dir.path().join("PsBridgeHost.cs"), WORKER_HOST)?;
+        Ok(WorkerFiles { dir })
+    }
+
+    /// The script to pass to `pwsh -File`.
+    pub(crate) fn script(&self) -> PathBuf {
+        self.dir.path().join("worker.ps1")
+    }
+
+    #[cfg(test)]
+    fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+/// The default folder for the compiled worker host: `<user cache dir>/psbridge`.
+pub(crate) fn default_assembly_cache() -> Option<PathBuf> {
+    dirs::cache_dir().map(|d| d.join("psbridge"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_shared_while_alive_and_removed_after() {
+        let a = WorkerFiles::shared().unwrap();
+        let b = WorkerFiles::shared().unwrap();
+        assert_eq!(a.dir(), b.dir());
+        let dir = a.dir().to_path_buf();
+        assert_eq!(std::fs::read_to_string(a.script()).unwrap(), WORKER_SCRIPT);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        }
+        drop((a, b));
+        assert!(!dir.exists());
+    }
+}

@@ -1,0 +1,454 @@
+//! The Runspace against the real pwsh, without Exchange: streams, errors, values, safety, lifetime.
+
+mod common;
+
+use std::time::Duration;
+
+use psbridge::{Command, Error, ParamValue, PipelineState, StreamItem};
+use serde_json::json;
+
+#[tokio::test]
+async fn handshake_reports_the_worker() {
+    let runspace = common::plain().await;
+    let info = runspace.info();
+    assert_eq!(info.ps_edition, "Core");
+    assert!(info.ps_version.starts_with('7'), "{}", info.ps_version);
+    assert_eq!(info.pid, runspace.pid());
+    assert!(common::alive(runspace.pid()));
+}
+
+#[tokio::test]
+async fn every_stream_is_kept_apart_and_in_order() {
+    let mut rs = common::plain().await;
+    let script = r#"
+        $VerbosePreference = 'Continue'; $DebugPreference = 'Continue'; $InformationPreference = 'Continue'
+        'out1'
+        Write-Warning 'warn1'
+        Write-Verbose 'verbose1'
+        Write-Debug 'debug1'
+        Write-Information 'info1' -Tags t1
+        Write-Host 'host1'
+        Write-Progress -Activity 'act' -Status 'half' -PercentComplete 50
+        Write-Error 'err1'
+        'out2'
+        Write-Warning 'warn2'
+    "#;
+    let mut stream = rs.invoke_stream(&Command::script(script)).unwrap();
+    let mut order = Vec::new();
+    while let Some(item) = stream.next_item().await.unwrap() {
+        order.push(match item {
+            StreamItem::Output(o) => format!("out:{}", o.value.as_str().unwrap()),
+            StreamItem::Error(e) => format!("err:{}", e.message),
+            StreamItem::Warning(w) => format!("warn:{w}"),
+            StreamItem::Verbose(v) => format!("verbose:{v}"),
+            StreamItem::Debug(d) => format!("debug:{d}"),
+            StreamItem::Information(i) => format!("info:{}:{}", i.message.unwrap(), i.tags.join(",")),
+            StreamItem::Progress(p) => format!("progress:{}:{}:{}", p.activity.unwrap(), p.status_description.unwrap(), p.percent_complete),
+        });
+    }
+    let completion = stream.completion().unwrap();
+    assert!(completion.had_errors, "Write-Error sets HadErrors");
+    assert_eq!(completion.state, PipelineState::Completed);
+    assert_eq!(
+        order,
+        [
+            "out:out1", "warn:warn1", "verbose:verbose1", "debug:debug1", "info:info1:t1", "info:host1:PSHOST",
+            "progress:act:half:50", "err:err1", "out:out2", "warn:warn2"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn collected_result_files_each_stream_separately() {
+    let mut rs = common::plain().await;
+    let r = rs.invoke(&Command::script("1; Write-Warning w; 2; Write-Host h")).await.unwrap();
+    let values: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(values, [json!(1), json!(2)]);
+    assert_eq!(r.warnings, ["w"]);
+    assert_eq!(r.information[0].message.as_deref(), Some("h"));
+    assert!(!r.had_errors);
+    assert!(r.duration > Duration::ZERO);
+}
+
+#[tokio::test]
+async fn error_records_carry_their_fields() {
+    let mut rs = common::plain().await;
+    let r = rs.invoke(&Command::new("Get-Item").param("Path", "/no/such/psbridge/file")).await.unwrap();
+    assert!(r.had_errors);
+    assert_eq!(r.state, PipelineState::Completed, "a non-terminating error does not stop the pipeline");
+    let e = &r.errors[0];
+    assert!(e.message.contains("/no/such/psbridge/file"), "{}", e.message);
+    assert_eq!(e.category, "ObjectNotFound");
+    assert_eq!(e.reason.as_deref(), Some("ItemNotFoundException"));
+    assert_eq!(e.target_name.as_deref(), Some("/no/such/psbridge/file"));
+    assert_eq!(e.fully_qualified_error_id.as_deref(), Some("PathNotFound,Microsoft.PowerShell.Commands.GetItemCommand"));
+    assert_eq!(e.exception_type.as_deref(), Some("System.Management.Automation.ItemNotFoundException"));
+    assert_eq!(e.command.as_deref(), Some("Get-Item"));
+    assert!(!e.terminating);
+
+    let r = rs.invoke(&Command::script("function Inner { throw 'boom' }\nInner")).await.unwrap();
+    assert!(r.had_errors);
+    assert_eq!(r.state, PipelineState::Failed);
+    let e = &r.errors[0];
+    assert_eq!(e.message, "boom");
+    assert!(e.terminating);
+    assert_eq!(e.category, "OperationStopped");
+    assert!(e.script_stack_trace.as_deref().unwrap().contains("at Inner"), "{:?}", e.script_stack_trace);
+
+    // An unknown command is a terminating error the caller can read, not a bridge failure.
+    let r = rs.invoke(&Command::new("Get-PsbridgeNothing")).await.unwrap();
+    assert_eq!(r.state, PipelineState::Failed);
+    assert_eq!(r.errors[0].fully_qualified_error_id.as_deref(), Some("CommandNotFoundException"));
+}
+
+#[tokio::test]
+async fn values_serialize_with_their_types() {
+    let mut rs = common::plain().await;
+    let script = r#"
+        $cycle = [pscustomobject]@{ Name = 'loop' }
+        $cycle | Add-Member -NotePropertyName Self -NotePropertyValue $cycle
+        [pscustomobject]@{
+            Text = 'x'; Int = 42; Big = 9007199254740993; Float = 1.5; Bool = $true; Null = $null
+            Utc = [datetime]::new(2026, 1, 2, 3, 4, 5, [DateTimeKind]::Utc)
+            Offset = [datetimeoffset]::new(2026, 1, 2, 3, 4, 5, [timespan]::FromHours(2))
+            Day = [DayOfWeek]::Friday
+            Id = [guid]'0f8fad5b-d9cb-469f-a165-70867728950e'
+            Bytes = [byte[]](0, 1, 2, 255)
+            List = @(1, 'two', $null)
+            Table = @{ k = 'v' }
+            Nested = [pscustomobject]@{ Inner = [pscustomobject]@{ Deeper = [pscustomobject]@{ Deepest = [pscustomobject]@{ TooDeep = 1 } } } }
+            Cycle = $cycle
+            Span = [timespan]::FromMinutes(90)
+        } | ForEach-Object { $_.pstypenames.Insert(0, 'Psbridge.Test'); $_ }
+    "#;
+    let r = rs.invoke(&Command::script(script)).await.unwrap();
+    assert!(!r.had_errors, "{:?}", r.errors);
+    let o = &r.output[0];
+    assert_eq!(o.type_names[0], "Psbridge.Test");
+    assert!(o.is_type("System.Management.Automation.PSCustomObject"));
+    let v = &o.value;
+    assert_eq!(v["Text"], "x");
+    assert_eq!(v["Int"], 42);
+    assert_eq!(v["Big"].as_i64(), Some(9007199254740993));
+    assert_eq!(v["Float"], 1.5);
+    assert_eq!(v["Bool"], true);
+    assert!(v["Null"].is_null());
+    assert_eq!(v["Utc"], "2026-01-02T03:04:05Z");
+    assert_eq!(v["Offset"], "2026-01-02T03:04:05+02:00");
+    assert_eq!(v["Day"], "Friday");
+    assert_eq!(v["Id"], "0f8fad5b-d9cb-469f-a165-70867728950e");
+    assert_eq!(v["Bytes"], "AAEC/w==");
+    assert_eq!(v["List"], json!([1, "two", null]));
+    assert_eq!(v["Table"], json!({"k": "v"}));
+    assert_eq!(v["Span"], "01:30:00");
+    // depth 4 (the default): the fourth level of nesting becomes its ToString()
+    assert!(v["Nested"]["Inner"]["Deeper"]["Deepest"].is_string(), "{}", v["Nested"]);
+    // a cycle is cut, never followed
+    assert_eq!(v["Cycle"]["Name"], "loop");
+    assert!(v["Cycle"]["Self"].is_string(), "{}", v["Cycle"]);
+    // property order is kept
+    let keys: Vec<_> = v.as_object().unwrap().keys().take(3).cloned().collect();
+    assert_eq!(keys, ["Text", "Int", "Big"]);
+}
+
+#[tokio::test]
+async fn parameters_bind_by_name_with_their_types() {
+    let mut rs = common::plain().await;
+    let script = r#"
+        param([string] $Text, [int] $Count, [switch] $Flag, [switch] $Off, [string[]] $Names, [hashtable] $Table,
+              [object] $Nothing, [datetime] $When, [byte[]] $Bytes)
+        [pscustomobject]@{
+            Text = $Text; Count = $Count; Flag = $Flag.IsPresent; Off = $Off.IsPresent; Names = $Names -join '|'
+            TableValue = $Table['nested']['k']; NothingIsNull = $null -eq $Nothing
+            When = $When.ToUniversalTime().ToString('o'); BytesLength = $Bytes.Length; BytesLast = $Bytes[-1]
+        }
+    "#;
+    let command = Command::script(script)
+        .param("Text", "hello")
+        .param("Count", 3)
+        .switch("Flag")
+        .param("Off", false)
+        .param("Names", json!(["a", "b"]))
+        .param("Table", json!({"nested": {"k": "v"}}))
+        .param("Nothing", serde_json::Value::Null)
+        .param("When", ParamValue::DateTime("2026-05-06T07:08:09Z".into()))
+        .param("Bytes", ParamValue::Bytes(vec![9, 8, 7]));
+    let r = rs.invoke(&command).await.unwrap();
+    assert!(!r.had_errors, "{:?}", r.errors);
+    assert_eq!(
+        r.output[0].value,
+        json!({"Text": "hello", "Count": 3, "Flag": true, "Off": false, "Names": "a|b", "TableValue": "v",
+               "NothingIsNull": true, "When": "2026-05-06T07:08:09.0000000Z", "BytesLength": 3, "BytesLast": 7})
+    );
+}
+
+#[tokio::test]
+async fn pipelines_pipe_output_into_the_next_command() {
+    let mut rs = common::plain().await;
+    let command = Command::script("1..10").pipe("Where-Object").param("Property", "ToString").pipe("Select-Object").param("Last", 2);
+    // Where-Object -Property ToString is true for every number; Select-Object -Last 2 keeps 9 and 10.
+    let r = rs.invoke(&command).await.unwrap();
+    let values: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(values, [json!(9), json!(10)]);
+}
+
+#[tokio::test]
+async fn parameter_values_are_inert_data() {
+    let mut rs = common::plain().await;
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let path = marker.path().display().to_string();
+    let hostile = [
+        format!("$(Remove-Item '{path}')"),
+        format!("'; Remove-Item '{path}'; '"),
+        format!("\"; Remove-Item \"{path}\"; \""),
+        format!("`$(Remove-Item {path})"),
+        "'; exit; '".to_string(),
+        "\n exit 1 \n".to_string(),
+    ];
+    for value in &hostile {
+        let r = rs.invoke(&Command::new("Write-Output").param("InputObject", value.as_str())).await.unwrap();
+        assert_eq!(r.output[0].value, json!(value), "the value comes back unchanged");
+        let r = rs.invoke(&Command::script("param($x) \"[$x]\"").param("x", value.as_str())).await.unwrap();
+        assert_eq!(r.output[0].value, json!(format!("[{value}]")));
+        // as a parameter *name* it is an error, not code
+        let r = rs.invoke(&Command::new("Get-Date").param(value.as_str(), 1)).await.unwrap();
+        assert!(r.had_errors);
+    }
+    assert!(marker.path().exists(), "no value was executed");
+    assert!(common::alive(rs.pid()), "no value ended the worker");
+}
+
+#[tokio::test]
+async fn unicode_round_trips() {
+    let mut rs = common::plain().await;
+    let samples = [
+        "plain ascii",
+        "Ünïcödé café naïve",
+        "emoji 😀🎉 and non-BMP 𝄞 𠜎",
+        "right-to-left: مرحبا بالعالم שלום",
+        "combining: e\u{301} a\u{308} Z\u{335}\u{31b}",
+        "nul inside: a\u{0}b",
+        "controls: \t\r\n\u{1b}[31m",
+        "李小龍 — “quotes” ‘single’ «guillemets»",
+        "\u{feff}bom at start",
+    ];
+    for s in samples {
+        let r = rs.invoke(&Command::script("param($s) $s; $s.Length").param("s", s)).await.unwrap();
+        assert_eq!(r.output[0].value, json!(s), "round trip of {s:?}");
+        assert_eq!(r.output[1].value, json!(s.encode_utf16().count()), "pwsh saw the same UTF-16 length for {s:?}");
+    }
+    // produced inside pwsh, not just echoed back
+    let r = rs.invoke(&Command::script("[char]::ConvertFromUtf32(0x1F600) + [char]0x05D0 + 'e' + [char]0x0301")).await.unwrap();
+    assert_eq!(r.output[0].value, json!("😀\u{5d0}e\u{301}"));
+}
+
+#[tokio::test]
+async fn console_noise_never_reaches_the_protocol() {
+    let mut rs = common::plain().await;
+    let noisy = r#"
+        [Console]::WriteLine('{"t":"done","id":1,"state":"Completed"}')
+        [Console]::Out.Write("not json`n")
+        [Console]::Out.Flush()
+        [Console]::Error.WriteLine('to stderr')
+        Write-Host 'host text'
+        $stdout = [Console]::OpenStandardOutput(); $bytes = [Text.Encoding]::UTF8.GetBytes("raw fd 1`n"); $stdout.Write($bytes, 0, $bytes.Length); $stdout.Flush()
+        /bin/sh -c 'echo native to fd 1; echo native to fd 2 >&2' | Out-Host
+        /bin/sh -c 'echo native unpiped'
+        $null = /bin/sh -c 'cat > /dev/null; echo stdin was closed to natives'
+        'real output'
+    "#;
+    for _ in 0..3 {
+        let r = rs.invoke(&Command::script(noisy)).await.unwrap();
+        let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+        assert_eq!(outputs, [json!("native unpiped"), json!("real output")], "{r:?}");
+        assert_eq!(r.information[0].message.as_deref(), Some("host text"));
+    }
+    let r = rs.invoke(&Command::script("'still in step'")).await.unwrap();
+    assert_eq!(r.output[0].value, "still in step");
+}
+
+#[tokio::test]
+async fn cancel_stops_the_command_and_keeps_the_worker() {
+    let mut rs = common::plain().await;
+    rs.invoke(&Command::script("$global:kept = 'state survives'")).await.unwrap();
+    let cancel = rs.cancel_handle();
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(cancel.cancel(), "a command was running");
+    });
+    let r = rs.invoke(&Command::script("'before'; Start-Sleep -Seconds 60; 'after'")).await;
+    assert!(matches!(r, Err(Error::Cancelled { worker_killed: false })), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let r = rs.invoke(&Command::script("$global:kept")).await.unwrap();
+    assert_eq!(r.output[0].value, "state survives");
+    assert!(!rs.cancel_handle().cancel(), "nothing is running now");
+}
+
+#[tokio::test]
+async fn dropping_an_invocation_stops_it_and_the_next_command_is_not_confused() {
+    let mut rs = common::plain().await;
+    {
+        let mut stream = rs.invoke_stream(&Command::script("1..1000000 | ForEach-Object { $_ }")).unwrap();
+        for expected in 1..=10 {
+            match stream.next_item().await.unwrap() {
+                Some(StreamItem::Output(o)) => assert_eq!(o.value, json!(expected)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let r = tokio::time::timeout(Duration::from_secs(30), rs.invoke(&Command::script("'fresh'"))).await.unwrap().unwrap();
+    let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(outputs, [json!("fresh")], "no output of the abandoned command leaks into the next");
+
+    // the same through a dropped future
+    let abandoned = tokio::time::timeout(Duration::from_millis(800), rs.invoke(&Command::script("Start-Sleep 60"))).await;
+    assert!(abandoned.is_err());
+    let r = tokio::time::timeout(Duration::from_secs(30), rs.invoke(&Command::script("'next'"))).await.unwrap().unwrap();
+    assert_eq!(r.output[0].value, "next");
+}
+
+#[tokio::test]
+async fn timeout_stops_a_stoppable_command_and_keeps_the_worker() {
+    let mut rs = common::plain().await;
+    let pid = rs.pid();
+    let r = rs.invoke(&Command::script("Start-Sleep -Seconds 60").timeout(Duration::from_secs(1))).await;
+    assert!(matches!(r, Err(Error::Timeout { worker_killed: false, .. })), "{r:?}");
+    assert!(r.unwrap_err().to_string().contains("worker is still usable"));
+    let r = rs.invoke(&Command::script("'alive'")).await.unwrap();
+    assert_eq!(r.output[0].value, "alive");
+    assert_eq!(rs.pid(), pid);
+}
+
+#[tokio::test]
+async fn timeout_kills_a_worker_that_cannot_stop() {
+    let mut rs = common::builder().stop_grace(Duration::from_secs(1)).open().await.unwrap();
+    let pid = rs.pid();
+    // A .NET call that PowerShell's Stop() cannot interrupt.
+    let hang = Command::script("[System.Threading.Thread]::Sleep(600000)").timeout(Duration::from_secs(1));
+    let r = rs.invoke(&hang).await;
+    let error = r.unwrap_err();
+    assert!(matches!(error, Error::Timeout { worker_killed: true, .. }), "{error:?}");
+    assert!(error.to_string().contains("worker was killed"), "{error}");
+    assert!(common::gone_within(pid, Duration::from_secs(10)).await, "the worker process is gone");
+    let later = rs.invoke(&Command::script("1")).await.unwrap_err();
+    match later {
+        Error::WorkerExited(exit) => assert!(exit.killed_by_bridge.as_deref().unwrap().contains("timed out")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_crashed_worker_is_reported_with_status_and_stderr_on_every_call() {
+    let mut rs = common::plain().await;
+    let crash = Command::script("[Console]::Error.WriteLine('last words before the crash'); [Environment]::Exit(37)");
+    let error = rs.invoke(&crash).await.unwrap_err();
+    let Error::WorkerExited(exit) = &error else { panic!("{error:?}") };
+    assert_eq!(exit.status.and_then(|s| s.code()), Some(37));
+    assert!(exit.stderr_tail.iter().any(|l| l.contains("last words before the crash")), "{:?}", exit.stderr_tail);
+    assert!(exit.killed_by_bridge.is_none());
+    let text = error.to_string();
+    assert!(text.contains("37") && text.contains("last words"), "{text}");
+    for _ in 0..2 {
+        let again = rs.invoke(&Command::script("1")).await.unwrap_err();
+        assert_eq!(again.to_string(), text, "the cached exit is reported again");
+    }
+}
+
+#[tokio::test]
+async fn output_streams_with_bounded_memory_in_both_processes() {
+    let mut rs = common::plain().await;
+    let pid = rs.pid();
+    // Warm up so that the baseline includes the serializer and the pipeline machinery.
+    rs.invoke(&Command::script("1..1000 | ForEach-Object { [pscustomobject]@{ i = $_ } }")).await.unwrap();
+    let worker_before = common::status_kb(pid, "VmRSS");
+    let own_before = common::status_kb(std::process::id(), "VmRSS");
+    // 100,000 objects of about 2 KB each: about 200 MB of JSON if anything held it all.
+    let script = "$pad = 'x' * 2000; 1..100000 | ForEach-Object { [pscustomobject]@{ i = $_; pad = $pad } }";
+    let mut stream = rs.invoke_stream(&Command::script(script)).unwrap();
+    let mut count = 0u64;
+    let mut worker_peak = 0;
+    let mut own_peak = 0;
+    while let Some(item) = stream.next_item().await.unwrap() {
+        let StreamItem::Output(o) = item else { panic!("{item:?}") };
+        count += 1;
+        assert_eq!(o.value["i"], json!(count), "objects arrive in order");
+        if count == 100 {
+            // A slow consumer: the worker must wait instead of buffering.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        if count % 5000 == 0 {
+            worker_peak = worker_peak.max(common::status_kb(pid, "VmRSS"));
+            own_peak = own_peak.max(common::status_kb(std::process::id(), "VmRSS"));
+        }
+    }
+    assert_eq!(count, 100_000);
+    let worker_growth_mb = worker_peak.saturating_sub(worker_before) / 1024;
+    let own_growth_mb = own_peak.saturating_sub(own_before) / 1024;
+    assert!(worker_growth_mb < 120, "worker grew {worker_growth_mb} MB while streaming");
+    assert!(own_growth_mb < 60, "the caller grew {own_growth_mb} MB while streaming");
+}
+
+#[tokio::test]
+async fn pwsh_missing_gives_a_clear_error() {
+    let error = psbridge::Runspace::builder().pwsh("/nonexistent/psbridge/pwsh").open().await.unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, Error::PwshNotFound { .. }), "{error:?}");
+    assert!(text.contains("/nonexistent/psbridge/pwsh"), "{text}");
+    assert!(text.contains("dotnet tool install --global PowerShell"), "{text}");
+}
+
+#[tokio::test]
+async fn a_module_that_does_not_import_fails_the_start_with_its_record() {
+    let error = common::builder().module("Psbridge.NoSuchModule").open().await.unwrap_err();
+    let Error::ModuleImport { records } = &error else { panic!("{error:?}") };
+    assert!(records[0].message.contains("Psbridge.NoSuchModule"), "{records:?}");
+    assert!(records[0].fully_qualified_error_id.is_some());
+}
+
+#[tokio::test]
+async fn module_minimum_version_is_enforced() {
+    let error = common::builder()
+        .module_path(common::sim_modules())
+        .module_with_version("ExchangeOnlineManagement", "99.0")
+        .open()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::ModuleImport { .. }), "{error:?}");
+    let rs = common::builder()
+        .module_path(common::sim_modules())
+        .module_with_version("ExchangeOnlineManagement", "3.0")
+        .open()
+        .await;
+    assert!(rs.is_ok(), "{rs:?}");
+}
+
+#[tokio::test]
+async fn session_variables_are_defined_before_anything_runs() {
+    let mut rs = common::builder().variable("Tenant", "contoso").variable("Limit", 5).open().await.unwrap();
+    let r = rs.invoke(&Command::script("\"$Tenant/$Limit\"")).await.unwrap();
+    assert_eq!(r.output[0].value, "contoso/5");
+}
+
+#[tokio::test]
+async fn close_ends_the_worker_and_drop_kills_it() {
+    let rs = common::plain().await;
+    let pid = rs.pid();
+    rs.close().await.unwrap();
+    assert!(!common::alive(pid));
+
+    let rs = common::plain().await;
+    let pid = rs.pid();
+    drop(rs);
+    assert!(common::gone_within(pid, Duration::from_secs(10)).await, "a dropped runspace leaves no process");
+}
+
+#[tokio::test]
+async fn grandchildren_die_with_the_worker() {
+    let mut rs = common::plain().await;
+    let r = rs.invoke(&Command::script("$p = Start-Process -FilePath /bin/sleep -ArgumentList 600 -PassThru; $p.Id")).await.unwrap();
+    let grandchild = r.output[0].value.as_u64().unwrap() as u32;
+    assert!(common::alive(grandchild));
+    rs.close().await.unwrap();
+    assert!(common::gone_within(grandchild, Duration::from_secs(10)).await, "the native child was ended with the group");
+}
