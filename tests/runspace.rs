@@ -261,10 +261,55 @@ async fn console_noise_never_reaches_the_protocol() {
         let r = rs.invoke(&Command::script(noisy)).await.unwrap();
         let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
         assert_eq!(outputs, [json!("native unpiped"), json!("real output")], "{r:?}");
-        assert_eq!(r.information[0].message.as_deref(), Some("host text"));
+        let information: Vec<_> = r.information.iter().map(|i| i.message.clone().unwrap_or_default()).collect();
+        // Write-Host, then what Out-Host showed (the native program's stdout; its stderr went to stderr)
+        assert_eq!(information, ["host text", "native to fd 1"]);
     }
     let r = rs.invoke(&Command::script("'still in step'")).await.unwrap();
     assert_eq!(r.output[0].value, "still in step");
+}
+
+#[tokio::test]
+async fn what_if_reports_and_changes_nothing() {
+    let mut rs = common::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("created-by-what-if.txt");
+    let command = Command::new("New-Item").param("Path", target.display().to_string()).switch("WhatIf");
+    let r = rs.invoke(&command).await.unwrap();
+    assert!(!r.had_errors, "{:?}", r.errors);
+    assert!(r.output.is_empty());
+    let text = r.information.iter().filter_map(|i| i.message.clone()).collect::<Vec<_>>().join("\n");
+    assert!(text.starts_with("What if: "), "{text}");
+    assert!(text.contains("created-by-what-if.txt"), "{text}");
+    assert!(r.information[0].tags.contains(&"PSHOST".to_string()));
+    assert!(!target.exists(), "-WhatIf changed nothing");
+}
+
+#[tokio::test]
+async fn prompts_fail_fast_instead_of_blocking() {
+    let mut rs = common::plain().await;
+    let define = r#"function global:Remove-Thing { [CmdletBinding(SupportsShouldProcess, ConfirmImpact = 'High')] param()
+                    if ($PSCmdlet.ShouldProcess('thing')) { 'removed' } }"#;
+    rs.invoke(&Command::script(define)).await.unwrap();
+    let limit = Duration::from_secs(30);
+    let r = tokio::time::timeout(limit, rs.invoke(&Command::new("Remove-Thing"))).await.expect("no hang").unwrap();
+    assert!(r.had_errors, "{r:?}");
+    assert!(r.errors[0].message.contains("-Confirm:$false"), "{:?}", r.errors[0]);
+    let r = rs.invoke(&Command::new("Remove-Thing").param("Confirm", false)).await.unwrap();
+    assert_eq!(r.output[0].value, "removed");
+    let r = tokio::time::timeout(limit, rs.invoke(&Command::script("Read-Host 'name?'"))).await.expect("no hang").unwrap();
+    assert!(r.had_errors);
+    assert!(r.errors[0].message.contains("non-interactive"), "{:?}", r.errors[0]);
+}
+
+#[tokio::test]
+async fn exit_in_a_command_ends_the_command_not_the_worker() {
+    let mut rs = common::plain().await;
+    let r = rs.invoke(&Command::script("'before'; exit 3; 'after'")).await.unwrap();
+    let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(outputs, [json!("before")]);
+    let r = rs.invoke(&Command::script("'still here'")).await.unwrap();
+    assert_eq!(r.output[0].value, "still here");
 }
 
 #[tokio::test]

@@ -22,6 +22,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.IO;
 using System.Management.Automation;
+using System.Management.Automation.Host;
 using System.Management.Automation.Runspaces;
 using System.Runtime.InteropServices;
 using System.Security;
@@ -454,13 +455,151 @@ namespace PsBridge
         }
     }
 
+    /// <summary>
+    /// The PowerShell host of the session. Non-interactive: prompts fail with a clear message instead of
+    /// blocking. Text written straight to the host (What if: lines, Out-Host) becomes Information records
+    /// tagged PSHOST of the running request; records PowerShell also puts on their own streams (warnings,
+    /// verbose, debug, progress, Write-Host) are not repeated here.
+    /// </summary>
+    public sealed class BridgeHost : PSHost
+    {
+        private readonly BridgeHostUI ui = new BridgeHostUI();
+        private readonly Guid instanceId = Guid.NewGuid();
+
+        public override string Name => "psbridge";
+        public override Version Version => new Version(1, 0);
+        public override Guid InstanceId => instanceId;
+        public override PSHostUserInterface UI => ui;
+        public override CultureInfo CurrentCulture => CultureInfo.CurrentCulture;
+        public override CultureInfo CurrentUICulture => CultureInfo.CurrentUICulture;
+        public override void EnterNestedPrompt() => throw BridgeHostUI.NonInteractive("a nested prompt");
+        public override void ExitNestedPrompt() => throw BridgeHostUI.NonInteractive("a nested prompt");
+        public override void NotifyBeginApplication() { }
+        public override void NotifyEndApplication() { }
+        // `exit` in a command ends that command, never the worker.
+        public override void SetShouldExit(int exitCode) { }
+
+        /// <summary>Sends what was written without a newline at the end of a request.</summary>
+        public void Flush() => ui.Flush();
+    }
+
+    public sealed class BridgeHostUI : PSHostUserInterface
+    {
+        private readonly StringBuilder pending = new StringBuilder();
+        private readonly BridgeRawUI raw = new BridgeRawUI();
+
+        public override PSHostRawUserInterface RawUI => raw;
+
+        // PowerShell shows an Information record (Write-Host, Write-Information with preference Continue) on
+        // the host right after adding it to the stream. The owner already has it from the stream, so the
+        // host's copy of the record just sent is dropped.
+        [ThreadStatic] private static string echo;
+
+        public static void ExpectEcho(string message) => echo = message;
+
+        private static bool IsEcho(string value)
+        {
+            bool same = echo != null && echo == value;
+            echo = null;
+            return same;
+        }
+
+        public override void Write(string value)
+        {
+            if (IsEcho(value)) return;
+            lock (pending) pending.Append(value);
+        }
+        public override void Write(ConsoleColor foregroundColor, ConsoleColor backgroundColor, string value) => Write(value);
+        public override void WriteLine(string value)
+        {
+            if (IsEcho(value)) return;
+            string line;
+            lock (pending) { line = pending.Append(value).ToString(); pending.Clear(); }
+            Emit(line);
+        }
+        public override void WriteErrorLine(string value) => WriteLine(value);
+        // These records also reach their own streams, which is where the owner reads them.
+        public override void WriteDebugLine(string message) { }
+        public override void WriteVerboseLine(string message) { }
+        public override void WriteWarningLine(string message) { }
+        public override void WriteProgress(long sourceId, ProgressRecord record) { }
+        public override void WriteInformation(InformationRecord record) { }
+
+        public void Flush()
+        {
+            string rest;
+            lock (pending) { rest = pending.ToString(); pending.Clear(); }
+            if (rest.Length > 0) Emit(rest);
+        }
+
+        private static void Emit(string text)
+        {
+            long id = Executor.CurrentId;
+            if (id < 0) { Console.Error.WriteLine(text); return; } // host text outside any request: a log line
+            Protocol.Send("info", id, w =>
+            {
+                w.WriteStartObject("v");
+                w.WriteString("message", text);
+                w.WriteString("source", "Host");
+                w.WriteStartArray("tags");
+                w.WriteStringValue("PSHOST");
+                w.WriteEndArray();
+                w.WriteString("time_generated", Serializer.FormatDate(DateTime.Now));
+                w.WriteEndObject();
+            });
+        }
+
+        public static PSInvalidOperationException NonInteractive(string what) => new PSInvalidOperationException(
+            "psbridge workers are non-interactive and cannot show " + what + ". Pass the value as a parameter " +
+            "(for a confirmation, -Confirm:$false).");
+
+        public override string ReadLine() => throw NonInteractive("a prompt for input");
+        public override SecureString ReadLineAsSecureString() => throw NonInteractive("a prompt for a secret");
+        public override Dictionary<string, PSObject> Prompt(string caption, string message, Collection<FieldDescription> descriptions) =>
+            throw NonInteractive("a prompt (" + caption + ": " + message + ")");
+        public override int PromptForChoice(string caption, string message, Collection<ChoiceDescription> choices, int defaultChoice) =>
+            throw NonInteractive("a confirmation prompt (" + caption + ": " + message + ")");
+        public override PSCredential PromptForCredential(string caption, string message, string userName, string targetName) =>
+            throw NonInteractive("a credential prompt");
+        public override PSCredential PromptForCredential(string caption, string message, string userName, string targetName,
+            PSCredentialTypes allowedCredentialTypes, PSCredentialUIOptions options) => throw NonInteractive("a credential prompt");
+    }
+
+    /// <summary>A fixed 120-column screen, so that formatting cmdlets have a width to work with.</summary>
+    public sealed class BridgeRawUI : PSHostRawUserInterface
+    {
+        private static readonly Size Screen = new Size(120, 50);
+        public override ConsoleColor BackgroundColor { get; set; } = ConsoleColor.Black;
+        public override ConsoleColor ForegroundColor { get; set; } = ConsoleColor.Gray;
+        public override Size BufferSize { get => Screen; set { } }
+        public override Coordinates CursorPosition { get; set; }
+        public override int CursorSize { get; set; }
+        public override bool KeyAvailable => false;
+        public override Size MaxPhysicalWindowSize => Screen;
+        public override Size MaxWindowSize => Screen;
+        public override Coordinates WindowPosition { get; set; }
+        public override Size WindowSize { get => Screen; set { } }
+        public override string WindowTitle { get; set; } = "psbridge";
+        public override void FlushInputBuffer() { }
+        public override BufferCell[,] GetBufferContents(Rectangle rectangle) => throw BridgeHostUI.NonInteractive("the screen buffer");
+        public override KeyInfo ReadKey(ReadKeyOptions options) => throw BridgeHostUI.NonInteractive("a key prompt");
+        public override void ScrollBufferContents(Rectangle source, Coordinates destination, Rectangle clip, BufferCell fill) { }
+        public override void SetBufferContents(Coordinates origin, BufferCell[,] contents) { }
+        public override void SetBufferContents(Rectangle rectangle, BufferCell fill) { }
+    }
+
     /// <summary>Builds the session (like InitialSessionState in Microsoft's C# sample) and runs requests in it.</summary>
     public static class Executor
     {
         private static Runspace runspace;
+        private static readonly BridgeHost Host = new BridgeHost();
         private static readonly object CurrentGate = new object();
         private static PowerShell current;
         private static long currentId = -1;
+        private static bool errorsWritten;
+
+        /// <summary>The id of the running request, or -1.</summary>
+        public static long CurrentId { get { lock (CurrentGate) return currentId; } }
 
         public static void SendReady()
         {
@@ -533,7 +672,7 @@ namespace PsBridge
             iss.ThrowOnRunspaceOpenError = true;
             try
             {
-                runspace = RunspaceFactory.CreateRunspace(iss);
+                runspace = RunspaceFactory.CreateRunspace(Host, iss);
                 runspace.ThreadOptions = PSThreadOptions.ReuseThread; // one thread, so thread-affine module state holds
                 runspace.Open();
                 SendDone(request.Id, "Completed", false, watch.Elapsed.TotalMilliseconds);
@@ -573,6 +712,7 @@ namespace PsBridge
             using var ps = PowerShell.Create();
             ps.Runspace = runspace;
             bool terminatingSent = false;
+            errorsWritten = false;
             try
             {
                 Build(ps, request.Body);
@@ -599,11 +739,14 @@ namespace PsBridge
             }
             finally
             {
+                Host.Flush();
                 lock (CurrentGate) { current = null; currentId = -1; }
             }
             string state = ps.InvocationStateInfo.State == PSInvocationState.Stopped ? "Stopped"
                 : terminatingSent ? "Failed" : "Completed";
-            SendDone(id, state, ps.HadErrors || terminatingSent, watch.Elapsed.TotalMilliseconds);
+            // PowerShell's HadErrors reads the error collection, which the handler above empties as it
+            // sends; so "an error record was written" is tracked here as well.
+            SendDone(id, state, ps.HadErrors || errorsWritten || terminatingSent, watch.Elapsed.TotalMilliseconds);
         }
 
         /// <summary>Adds the steps of a request. Values are bound as parameters, never spliced into script text.</summary>
@@ -627,13 +770,21 @@ namespace PsBridge
         private static void Attach(PowerShell ps, long id)
         {
             var s = ps.Streams;
-            s.Error.DataAdded += (_, __) => { foreach (var r in s.Error.ReadAll()) SendError(id, r, false); };
+            s.Error.DataAdded += (_, __) =>
+            {
+                foreach (var r in s.Error.ReadAll()) SendError(id, r, false);
+                errorsWritten = true;
+            };
             s.Warning.DataAdded += (_, __) => { foreach (var r in s.Warning.ReadAll()) SendText("warn", id, r.Message); };
             s.Verbose.DataAdded += (_, __) => { foreach (var r in s.Verbose.ReadAll()) SendText("verbose", id, r.Message); };
             s.Debug.DataAdded += (_, __) => { foreach (var r in s.Debug.ReadAll()) SendText("debug", id, r.Message); };
             s.Information.DataAdded += (_, __) =>
             {
-                foreach (var r in s.Information.ReadAll()) Protocol.Send("info", id, w => Serializer.WriteInformation(w, r));
+                foreach (var r in s.Information.ReadAll())
+                {
+                    Protocol.Send("info", id, w => Serializer.WriteInformation(w, r));
+                    BridgeHostUI.ExpectEcho(r.MessageData?.ToString());
+                }
             };
             s.Progress.DataAdded += (_, __) =>
             {

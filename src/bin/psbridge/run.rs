@@ -1,0 +1,185 @@
+//! `psbridge run`: one command or script through one worker.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use psbridge::{Command, Runspace, RunspaceBuilder, StreamItem};
+
+use crate::output::{self, Envelope, OutputWriter};
+use crate::simulated;
+use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE};
+
+/// Run one command (or script) and print what it returns.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    psbridge run --simulated Get-Mailbox --params '{\"Identity\": \"ContosoUser1\"}'\n  \
+    psbridge run --simulated Get-Mailbox --params '{\"ResultSize\": 5}' --format table\n  \
+    psbridge run --simulated Set-Mailbox --params '{\"Identity\": \"ContosoUser1\", \"Department\": \"Sales\", \"WhatIf\": true}' --envelope\n  \
+    psbridge run --script 'param($Name) \"Hello, $Name\"' --params '{\"Name\": \"world\"}'\n  \
+    psbridge run --module Microsoft.PowerShell.Archive Get-Command --params '{\"Module\": \"Microsoft.PowerShell.Archive\"}' --format jsonl")]
+pub struct RunArgs {
+    /// The command to run (a cmdlet, function or script path).
+    #[arg(value_name = "COMMAND", required_unless_present = "script", conflicts_with = "script")]
+    command: Option<String>,
+
+    /// Run this script text instead of a command; --params binds to its param() block.
+    #[arg(long, value_name = "TEXT")]
+    script: Option<String>,
+
+    /// Parameters as one JSON object, bound by name: {"Identity": "x", "WhatIf": true}.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    params: String,
+
+    /// Use the bundled simulated ExchangeOnlineManagement module and sample tenant (no credentials).
+    /// The tenant lives in the per-user data folder, or in EXO_SIM_TENANT when set.
+    #[arg(long)]
+    simulated: bool,
+
+    /// How to print the output objects.
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    format: Format,
+
+    /// Print one JSON object with every stream (output, errors, warnings, verbose, debug, information,
+    /// progress) and had_errors, instead of the output alone.
+    #[arg(long)]
+    envelope: bool,
+
+    /// Stop the command after this many seconds (the worker is killed if it does not stop).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+
+    /// The pwsh executable (default: PSBRIDGE_PWSH, else pwsh on PATH).
+    #[arg(long, value_name = "PATH")]
+    pwsh: Option<PathBuf>,
+
+    /// Import this module first (repeatable).
+    #[arg(long = "module", value_name = "NAME")]
+    modules: Vec<String>,
+
+    /// Put this folder in front of PSModulePath (repeatable).
+    #[arg(long = "module-path", value_name = "DIR")]
+    module_paths: Vec<PathBuf>,
+}
+
+/// Output formats of `run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One JSON array.
+    Json,
+    /// One JSON value per line.
+    Jsonl,
+    /// A readable table.
+    Table,
+}
+
+pub async fn run(args: RunArgs) -> u8 {
+    let command = match command_from(&args) {
+        Ok(command) => command,
+        Err(error) => {
+            eprintln!("psbridge: {error:#}");
+            return EXIT_USAGE;
+        }
+    };
+    let builder = match builder_from(&args) {
+        Ok(builder) => builder,
+        Err(error) => {
+            eprintln!("psbridge: {error:#}");
+            return EXIT_BRIDGE;
+        }
+    };
+    let mut runspace = match builder.open().await {
+        Ok(runspace) => runspace,
+        Err(error) => {
+            output::print_bridge_error(&error);
+            return EXIT_BRIDGE;
+        }
+    };
+    let code = tokio::select! {
+        code = execute(&mut runspace, &command, &args) => code,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("psbridge: interrupted; stopping the command");
+            EXIT_INTERRUPTED
+        }
+    };
+    // The select dropped the command's future if Ctrl-C won: that stops it in the worker.
+    if let Err(error) = runspace.close().await {
+        tracing::warn!("closing the worker: {error}");
+    }
+    code
+}
+
+fn command_from(args: &RunArgs) -> anyhow::Result<Command> {
+    let params: serde_json::Value = serde_json::from_str(&args.params)
+        .with_context(|| format!("--params is not valid JSON: {}", args.params))?;
+    let serde_json::Value::Object(params) = params else {
+        bail!("--params must be a JSON object such as {{\"Identity\": \"ContosoUser1\"}}, not {params}");
+    };
+    let mut command = match (&args.command, &args.script) {
+        (_, Some(script)) => Command::script(script.as_str()),
+        (Some(name), None) => Command::new(name.as_str()),
+        (None, None) => bail!("give a COMMAND or --script"),
+    };
+    command = command.params(params);
+    if let Some(seconds) = args.timeout {
+        if !(seconds.is_finite() && seconds > 0.0) {
+            bail!("--timeout must be a positive number of seconds, not {seconds}");
+        }
+        command = command.timeout(Duration::from_secs_f64(seconds));
+    }
+    Ok(command)
+}
+
+fn builder_from(args: &RunArgs) -> anyhow::Result<RunspaceBuilder> {
+    let mut builder = if args.simulated { simulated::builder()? } else { Runspace::builder() };
+    if let Some(pwsh) = &args.pwsh {
+        builder = builder.pwsh(pwsh);
+    }
+    for path in &args.module_paths {
+        builder = builder.module_path(path);
+    }
+    for module in &args.modules {
+        builder = builder.module(module.as_str());
+    }
+    Ok(builder)
+}
+
+async fn execute(runspace: &mut Runspace, command: &Command, args: &RunArgs) -> u8 {
+    let stdout = std::io::stdout();
+    let mut writer = OutputWriter::new(stdout.lock(), args.format);
+    let mut envelope = Envelope::default();
+    let mut stream = match runspace.invoke_stream(command) {
+        Ok(stream) => stream,
+        Err(error) => {
+            output::print_bridge_error(&error);
+            return EXIT_BRIDGE;
+        }
+    };
+    loop {
+        match stream.next_item().await {
+            Ok(Some(item)) if args.envelope => envelope.push(item),
+            Ok(Some(StreamItem::Output(object))) => {
+                if let Err(error) = writer.write(object) {
+                    eprintln!("psbridge: cannot write output: {error}");
+                    return EXIT_BRIDGE;
+                }
+            }
+            Ok(Some(other)) => output::print_stream_item(&other),
+            Ok(None) => break,
+            Err(error) => {
+                let _ = writer.finish();
+                output::print_bridge_error(&error);
+                return EXIT_BRIDGE;
+            }
+        }
+    }
+    let completion = stream.completion().expect("the stream ended");
+    let written = if args.envelope { envelope.print(completion) } else { writer.finish() };
+    if let Err(error) = written.and_then(|()| std::io::stdout().flush()) {
+        eprintln!("psbridge: cannot write output: {error}");
+        return EXIT_BRIDGE;
+    }
+    if completion.had_errors { EXIT_COMMAND_ERRORS } else { EXIT_OK }
+}
