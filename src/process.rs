@@ -23,7 +23,11 @@ const MAX_STDERR_LINE: usize = 64 * 1024;
 pub(crate) async fn spawn(mut command: std::process::Command) -> std::io::Result<Child> {
     command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     #[cfg(unix)]
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    {
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        // Tells the worker the group is its own to end when the owner disappears (see worker.ps1).
+        command.env("PSBRIDGE_OWN_GROUP", "1");
+    }
     let mut command = tokio::process::Command::from(command);
     command.kill_on_drop(true);
     #[cfg(target_os = "linux")]

@@ -422,7 +422,7 @@ async fn output_streams_with_bounded_memory_in_both_processes() {
             // A slow consumer: the worker must wait instead of buffering.
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        if count % 5000 == 0 {
+        if count.is_multiple_of(5000) {
             worker_peak = worker_peak.max(common::status_kb(pid, "VmRSS"));
             own_peak = own_peak.max(common::status_kb(std::process::id(), "VmRSS"));
         }

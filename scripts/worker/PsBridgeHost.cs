@@ -135,6 +135,19 @@ namespace PsBridge
             return new FileStream(new SafeFileHandle((IntPtr)fd, true), FileAccess.Read, 1);
         }
 
+        [DllImport("libc", SetLastError = true)] private static extern int kill(int pid, int sig);
+
+        /// <summary>Ends the worker and, when psbridge gave it a process group of its own, everything it started.</summary>
+        /// <remarks>An owner killed with SIGKILL cannot end the group itself; its stdin EOF is our only signal.</remarks>
+        public static void EndOrphanedWorker()
+        {
+            if (!OperatingSystem.IsWindows() && Environment.GetEnvironmentVariable("PSBRIDGE_OWN_GROUP") == "1")
+            {
+                kill(0, 9); // SIGKILL to our whole process group, this process included
+            }
+            Environment.Exit(0);
+        }
+
         private static int Check(int result, string what)
         {
             if (result < 0) throw new IOException(what + " failed: errno " + Marshal.GetLastWin32Error());
@@ -186,7 +199,7 @@ namespace PsBridge
                 {
                     // EOF: the owner is gone (or closed us after "exit"). Without an owner nobody reads our
                     // output, so leave at once, even in the middle of a command.
-                    if (!exiting) Environment.Exit(0);
+                    if (!exiting) StdioGuard.EndOrphanedWorker();
                     return;
                 }
                 if (line.Length == 0) continue;
