@@ -69,6 +69,8 @@ pub(crate) struct Step {
 pub struct Command {
     pub(crate) steps: Vec<Step>,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) key: Option<String>,
+    pub(crate) idempotent: Option<bool>,
 }
 
 impl Command {
@@ -83,7 +85,7 @@ impl Command {
     }
 
     fn start(runnable: Runnable) -> Self {
-        Command { steps: vec![Step { runnable, parameters: Vec::new() }], timeout: None }
+        Command { steps: vec![Step { runnable, parameters: Vec::new() }], timeout: None, key: None, idempotent: None }
     }
 
     /// Adds a named parameter to the last step of the pipeline.
@@ -127,6 +129,40 @@ impl Command {
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
+    }
+
+    /// Marks what the command changes, for a [`RunspacePool`](crate::RunspacePool): commands with the
+    /// same key never run at the same time and run in the order they were submitted (for example the
+    /// Identity a Set-Mailbox changes). A single runspace runs one command at a time anyway.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Whether running the command twice is harmless, so that a pool may run it again on a new worker
+    /// when its worker died mid-command. Default: true for `Get-*` commands, false otherwise.
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = Some(idempotent);
+        self
+    }
+
+    /// The key given with [`key`](Self::key).
+    pub fn key_str(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// Whether the command may be run again after its worker died (see [`idempotent`](Self::idempotent)).
+    ///
+    /// ```
+    /// use psbridge::Command;
+    /// assert!(Command::new("Get-Mailbox").is_idempotent());
+    /// assert!(!Command::new("Set-Mailbox").is_idempotent());
+    /// assert!(Command::new("Set-Mailbox").idempotent(true).is_idempotent());
+    /// ```
+    pub fn is_idempotent(&self) -> bool {
+        self.idempotent.unwrap_or_else(|| {
+            matches!(&self.steps[0].runnable, Runnable::Command(name) if name.len() > 4 && name[..4].eq_ignore_ascii_case("get-"))
+        })
     }
 
     /// The first command's name, or `<script>`.

@@ -149,9 +149,29 @@ pub enum Error {
     #[error("protocol violation: {0}")]
     ProtocolViolation(String),
 
-    /// Writing to or reading from the worker failed.
-    #[error("i/o error talking to the worker")]
-    Io(#[source] std::io::Error),
+    /// A pool could not start its minimum number of workers.
+    #[error("the pool could not start {} of its {wanted} workers; first failure: {}", failures.len(), failures[0])]
+    PoolOpen {
+        /// How many workers the pool wanted to start.
+        wanted: usize,
+        /// Why each failed worker failed.
+        failures: Vec<Error>,
+    },
+
+    /// The pool's queue is full and the caller asked not to wait.
+    #[error("the pool's queue is full ({capacity} commands waiting); retry later or raise PoolBuilder::queue_capacity")]
+    QueueFull {
+        /// The queue's capacity.
+        capacity: usize,
+    },
+
+    /// No worker took the command within the wait timeout.
+    #[error("no worker was free within {0:?}; raise PoolBuilder::wait_timeout or max_workers")]
+    WaitTimeout(Duration),
+
+    /// The pool is shut down (or shutting down) and takes no more commands.
+    #[error("the pool is closed")]
+    PoolClosed,
 }
 
 fn first_message(records: &[ErrorRecord]) -> &str {

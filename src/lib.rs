@@ -4,9 +4,11 @@
 mod command;
 mod errors;
 mod locate;
+mod pool;
 mod process;
 mod protocol;
 mod records;
+pub mod retry;
 mod runspace;
 mod worker_files;
 
@@ -17,6 +19,8 @@ pub use protocol::{ModuleSpec, WorkerInfo};
 pub use records::{
     Completion, ErrorRecord, InformationRecord, InvocationResult, PipelineState, ProgressRecord, PsObject, StreamItem,
 };
+pub use pool::{Percentiles, PoolBuilder, PoolStats, PoolStream, RecyclePolicy, RunspacePool, WorkerState, WorkerStats};
+pub use retry::RetryPolicy;
 pub use runspace::{CancelHandle, Invocation, Runspace, RunspaceBuilder};
 
 pub use secrecy::SecretString;

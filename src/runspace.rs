@@ -209,6 +209,10 @@ impl RunspaceBuilder {
         self
     }
 
+    pub(crate) fn stream_buffer_len(&self) -> usize {
+        self.stream_buffer
+    }
+
     /// Starts the worker, checks its protocol version, sets up the session and runs the connect command.
     ///
     /// # Errors
@@ -224,9 +228,8 @@ impl RunspaceBuilder {
         let child = process::spawn(self.process_command(&pwsh, &files)).await.map_err(spawn_error)?;
         let mut runspace = Runspace::start(child, files, &self).await?;
         runspace.setup(&self).await?;
-        if let Some(connect) = &self.connect {
-            runspace.connect(connect, self.connect_timeout).await?;
-        }
+        runspace.connect = self.connect.map(|command| (command, self.connect_timeout));
+        runspace.reconnect().await?;
         runspace.disconnect = self.disconnect;
         Ok(runspace)
     }
@@ -316,6 +319,7 @@ pub struct Runspace {
     shared: Arc<Shared>,
     limits: Limits,
     next_id: u64,
+    connect: Option<(Command, Duration)>,
     disconnect: Option<Command>,
     _files: Arc<WorkerFiles>,
 }
@@ -457,7 +461,7 @@ impl Runspace {
             shutdown_grace: config.shutdown_grace,
             stream_buffer: config.stream_buffer,
         };
-        Ok(Runspace { info, shared, limits, next_id: 1, disconnect: None, _files: files })
+        Ok(Runspace { info, shared, limits, next_id: 1, connect: None, disconnect: None, _files: files })
     }
 
     async fn setup(&mut self, config: &RunspaceBuilder) -> Result<()> {
@@ -478,7 +482,13 @@ impl Runspace {
         Ok(())
     }
 
-    async fn connect(&mut self, connect: &Command, timeout: Duration) -> Result<()> {
+    /// Runs the connect command again (after a token expired or the connection broke). Does nothing when
+    /// no connect command was configured.
+    ///
+    /// # Errors
+    /// [`Error::Connect`] with the command's error records, or a bridge error.
+    pub async fn reconnect(&mut self) -> Result<()> {
+        let Some((connect, timeout)) = self.connect.clone() else { return Ok(()) };
         let command = connect.clone().timeout(timeout);
         let result = self.invoke(&command).await.map_err(|e| start_timeout(e, "connect", timeout))?;
         for information in &result.information {
@@ -486,7 +496,7 @@ impl Runspace {
         }
         if result.had_errors || result.state != PipelineState::Completed {
             let mut records = result.errors;
-            mask_secrets(&mut records, connect);
+            mask_secrets(&mut records, &connect);
             return Err(Error::Connect { command: connect.name().to_owned(), records });
         }
         Ok(())

@@ -71,8 +71,9 @@ namespace PsBridge
                 body?.Invoke(writer);
                 writer.WriteEndObject();
                 writer.Flush();
-                output.Write(Buffer.WrittenSpan);
-                output.WriteByte((byte)'\n');
+                Buffer.GetSpan(1)[0] = (byte)'\n';
+                Buffer.Advance(1);
+                output.Write(Buffer.WrittenSpan); // one write per message: the owner never sees half a line late
                 output.Flush();
             }
         }

@@ -60,6 +60,16 @@ function Import-BridgeHost {
         }
     }
     [void][System.Reflection.Assembly]::LoadFrom($dll)
+    Remove-StaleHostBuild -CacheDirectory $CacheDirectory -Keep $dll
+}
+
+function Remove-StaleHostBuild {
+    <# Deletes DLLs that older psbridge builds cached; one still loaded elsewhere (Windows) is left. #>
+    param([string] $CacheDirectory, [string] $Keep)
+    foreach ($stale in [System.IO.Directory]::GetFiles($CacheDirectory, 'PsBridgeHost-*.dll')) {
+        if ($stale -eq $Keep) { continue }
+        try { [System.IO.File]::Delete($stale) } catch [System.IO.IOException], [System.UnauthorizedAccessException] { }
+    }
 }
 
 function Invoke-RequestLoop {

@@ -27,7 +27,8 @@ pub fn sim_builder(tenant: &std::path::Path) -> RunspaceBuilder {
         .module_path(sim_modules())
         .module("ExchangeOnlineManagement")
         .env("EXO_SIM_TENANT", tenant)
-        .connect(managed_identity_connect())
+        // keep the session's tmpEXO_ folders (left behind by workers the tests kill) in the test's folder
+        .connect(managed_identity_connect().param("EXOModuleBasePath", tenant.display().to_string()))
         .disconnect(Command::new("Disconnect-ExchangeOnline").param("Confirm", false))
 }
 

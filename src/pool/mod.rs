@@ -1,0 +1,463 @@
+//! [`RunspacePool`]: a supervised pool of connected pwsh workers.
+//!
+//! Microsoft's Sample 2 opens a RunspacePool of three runspaces in one process, connects each and runs
+//! cmdlets with BeginInvoke/EndInvoke. Exchange's connection state is per process, so in that pool
+//! only one runspace really ends up connected; here every worker is a process of its own, and the pool
+//! also replaces dead workers, recycles old ones, reconnects expired sessions, retries throttling and
+//! keeps commands on the same object in order.
+
+mod queue;
+mod stats;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::command::Command;
+use crate::errors::{Error, Result};
+use crate::records::{Completion, InvocationResult, StreamItem};
+use crate::retry::RetryPolicy;
+use crate::runspace::{CancelHandle, Runspace, RunspaceBuilder};
+use queue::{Job, Queue, Reply, Streamed};
+pub use stats::{Percentiles, PoolStats, WorkerState, WorkerStats};
+use stats::Timings;
+
+/// When a worker is replaced by a fresh one even though it is healthy.
+///
+/// Long-lived PowerShell processes grow (ExchangeOnlineManagement adds about 200 MB per connect and
+/// does not give it back), so replacing workers now and then keeps a long job's memory flat.
+#[derive(Debug, Clone, Default)]
+pub struct RecyclePolicy {
+    /// After this many commands. Default: never.
+    pub max_commands: Option<u64>,
+    /// After this long. Default: never.
+    pub max_age: Option<Duration>,
+    /// When the worker's resident memory passes this many bytes (read from /proc on Linux). Default: never.
+    pub max_resident_bytes: Option<u64>,
+}
+
+/// Configures a [`RunspacePool`]; every setting has a documented default.
+///
+/// ```no_run
+/// # async fn demo() -> psbridge::Result<()> {
+/// use std::time::Duration;
+/// use psbridge::{Command, Runspace, RunspacePool};
+/// let workers = Runspace::builder()
+///     .module("ExchangeOnlineManagement")
+///     .connect(Command::new("Connect-ExchangeOnline").param("ManagedIdentity", true).param("Organization", "contoso.onmicrosoft.com"));
+/// let pool = RunspacePool::builder(workers).min_workers(3).max_workers(3).wait_timeout(Duration::from_secs(600)).build().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PoolBuilder {
+    runspace: RunspaceBuilder,
+    min_workers: usize,
+    max_workers: usize,
+    queue_capacity: usize,
+    wait_timeout: Option<Duration>,
+    idle_timeout: Duration,
+    health_check_after: Duration,
+    health_check: Command,
+    retry: RetryPolicy,
+    recycle: RecyclePolicy,
+    restart_backoff: (Duration, Duration),
+    rate_limit: Option<f64>,
+    shutdown_grace: Duration,
+}
+
+impl PoolBuilder {
+    /// Fewest workers, started by [`build`](Self::build) and kept. Default: 1.
+    pub fn min_workers(mut self, n: usize) -> Self {
+        self.min_workers = n.max(1);
+        self.max_workers = self.max_workers.max(self.min_workers);
+        self
+    }
+
+    /// Most workers; the pool grows to this under load and shrinks back when idle. Default: the number of
+    /// CPUs, at least `min_workers`.
+    pub fn max_workers(mut self, n: usize) -> Self {
+        self.max_workers = n.max(1);
+        self.min_workers = self.min_workers.min(self.max_workers);
+        self
+    }
+
+    /// Commands that may wait for a worker; `invoke` waits for room beyond that, `try_invoke` fails with
+    /// [`Error::QueueFull`]. Default: 10,000.
+    pub fn queue_capacity(mut self, n: usize) -> Self {
+        self.queue_capacity = n.max(1);
+        self
+    }
+
+    /// How long a command may wait for a worker before failing with [`Error::WaitTimeout`]. Default:
+    /// no limit.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        self.wait_timeout = Some(timeout);
+        self
+    }
+
+    /// How long a worker above `min_workers` may stay idle before it is closed. Default: 60 s.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// A worker idle for this long runs the health check before its next command. Default: 5 min.
+    pub fn health_check_after(mut self, idle: Duration) -> Self {
+        self.health_check_after = idle;
+        self
+    }
+
+    /// The health check. It passes when it reports no errors and no output object says the connection
+    /// is broken (`State` = `Broken` or `TokenStatus` = `Expired`, as Get-ConnectionInformation
+    /// reports). A failed check reconnects the worker. Default: `$true` (a ping).
+    pub fn health_check(mut self, command: Command) -> Self {
+        self.health_check = command;
+        self
+    }
+
+    /// Retries of throttled commands and of idempotent commands whose worker died. Default:
+    /// [`RetryPolicy::default`].
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// When healthy workers are replaced. Default: never.
+    pub fn recycle(mut self, policy: RecyclePolicy) -> Self {
+        self.recycle = policy;
+        self
+    }
+
+    /// Backoff between attempts to replace a dead worker: first delay, then doubling up to the maximum.
+    /// Default: 500 ms up to 30 s.
+    pub fn restart_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.restart_backoff = (first, max.max(first));
+        self
+    }
+
+    /// At most this many commands per second start, pool-wide. Default: no limit.
+    pub fn rate_limit(mut self, per_second: f64) -> Self {
+        self.rate_limit = (per_second > 0.0).then_some(per_second);
+        self
+    }
+
+    /// How long [`RunspacePool::close`] lets running commands finish before cancelling them. Default: 30 s.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Opens `min_workers` workers in parallel.
+    ///
+    /// # Errors
+    /// [`Error::PoolOpen`] with every worker's failure when any of them could not open; the others are
+    /// closed again.
+    pub async fn build(self) -> Result<RunspacePool> {
+        let wanted = self.min_workers;
+        let opened = futures_util::future::join_all((0..wanted).map(|_| self.runspace.clone().open())).await;
+        let (runspaces, failures): (Vec<_>, Vec<_>) = opened.into_iter().partition(Result::is_ok);
+        if !failures.is_empty() {
+            for runspace in runspaces.into_iter().flatten() {
+                let _ = runspace.close().await;
+            }
+            return Err(Error::PoolOpen { wanted, failures: failures.into_iter().filter_map(Result::err).collect() });
+        }
+        let shared = Arc::new(PoolShared {
+            slots: Arc::new(Semaphore::new(self.queue_capacity)),
+            queue: Mutex::new(Queue::default()),
+            work: Notify::new(),
+            closed: AtomicBool::new(false),
+            live: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+            workers: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+            timings: Timings::new(),
+            next_start: Mutex::new(Instant::now()),
+            config: self,
+        });
+        for runspace in runspaces.into_iter().flatten() {
+            shared.spawn_worker(Some(runspace));
+        }
+        Ok(RunspacePool { _owner: Arc::new(Owner(shared.clone())), shared })
+    }
+}
+
+/// What the pool's tasks share.
+struct PoolShared {
+    config: PoolBuilder,
+    queue: Mutex<Queue>,
+    /// Woken when a job arrives, a key is released, or the pool closes.
+    work: Notify,
+    /// Room in the queue.
+    slots: Arc<Semaphore>,
+    closed: AtomicBool,
+    /// Worker slots alive (starting, idle, busy or recycling).
+    live: AtomicUsize,
+    /// Worker slots waiting for a job.
+    idle: AtomicUsize,
+    workers: Mutex<Vec<Arc<worker::Slot>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    timings: Timings,
+    /// For the rate limit: when the next command may start.
+    next_start: Mutex<Instant>,
+}
+
+impl PoolShared {
+    fn spawn_worker(self: &Arc<Self>, runspace: Option<Runspace>) {
+        let id = lock(&self.workers).len();
+        let slot = Arc::new(worker::Slot::new(id, runspace.as_ref()));
+        lock(&self.workers).push(slot.clone());
+        self.live.fetch_add(1, Ordering::SeqCst);
+        let task = tokio::spawn(worker::run(self.clone(), slot, runspace));
+        lock(&self.tasks).push(task);
+    }
+
+    /// Starts another worker when every live one is busy and the pool may grow.
+    fn grow_if_needed(self: &Arc<Self>) {
+        let queued = lock(&self.queue).len();
+        let live = self.live.load(Ordering::SeqCst);
+        if queued > self.idle.load(Ordering::SeqCst) && live < self.config.max_workers && !self.closed.load(Ordering::SeqCst) {
+            tracing::debug!(live, queued, "growing the pool");
+            self.spawn_worker(None);
+        }
+    }
+
+    /// Waits for the pool-wide rate limit, if any.
+    async fn pace(&self) {
+        let Some(per_second) = self.config.rate_limit else { return };
+        let start = {
+            let mut next = lock(&self.next_start);
+            let start = (*next).max(Instant::now());
+            *next = start + Duration::from_secs_f64(1.0 / per_second);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+
+    async fn submit(self: &Arc<Self>, command: Command, reply: Reply, wait: bool) -> Result<oneshot::Receiver<()>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::PoolClosed);
+        }
+        let slot = if wait {
+            self.slots.clone().acquire_owned().await.map_err(|_| Error::PoolClosed)?
+        } else {
+            self.slots.clone().try_acquire_owned().map_err(|_| Error::QueueFull { capacity: self.config.queue_capacity })?
+        };
+        let (started, started_rx) = oneshot::channel();
+        let job = Job { command, reply, enqueued: Instant::now(), started: Some(started), slot: Some(slot) };
+        lock(&self.queue).push(job);
+        self.work.notify_waiters();
+        self.grow_if_needed();
+        Ok(started_rx)
+    }
+
+    /// Waits until a worker takes the job, within the wait timeout.
+    async fn await_start(&self, started: oneshot::Receiver<()>) -> Result<()> {
+        let outcome = match self.config.wait_timeout {
+            Some(limit) => tokio::time::timeout(limit, started).await.map_err(|_| Error::WaitTimeout(limit))?,
+            None => started.await,
+        };
+        // The sender is dropped without a word only when the pool shut down before the job started.
+        outcome.map_err(|_| Error::PoolClosed)
+    }
+}
+
+/// A pool of connected pwsh workers; clone it freely, every clone is the same pool.
+///
+/// `invoke` is callable from many tasks at once; the pool runs up to `max_workers` commands in
+/// parallel, queues the rest first come, first served, and never runs two commands with the same
+/// [`key`](Command::key) at once.
+///
+/// ```no_run
+/// # async fn demo(pool: psbridge::RunspacePool) -> psbridge::Result<()> {
+/// use psbridge::Command;
+/// let (a, b) = tokio::join!(
+///     pool.invoke(Command::new("Get-Mailbox").param("Identity", "ContosoUser1")),
+///     pool.invoke(Command::new("Get-Mailbox").param("Identity", "ContosoUser2")),
+/// );
+/// println!("{:?} {:?}", a?.output, b?.output);
+/// pool.close().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RunspacePool {
+    shared: Arc<PoolShared>,
+    _owner: Arc<Owner>,
+}
+
+/// Dropped with the last clone of a pool: closes it so that its workers end (worker tasks hold the
+/// shared state, so it cannot notice on its own).
+struct Owner(Arc<PoolShared>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if !self.0.closed.swap(true, Ordering::SeqCst) {
+            self.0.slots.close();
+            self.0.work.notify_waiters();
+        }
+    }
+}
+
+impl std::fmt::Debug for RunspacePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunspacePool")
+            .field("live", &self.shared.live.load(Ordering::SeqCst))
+            .field("queued", &lock(&self.shared.queue).len())
+            .finish()
+    }
+}
+
+impl RunspacePool {
+    /// A builder whose workers are opened with `runspace` (modules, connect and disconnect commands,
+    /// timeouts).
+    pub fn builder(runspace: RunspaceBuilder) -> PoolBuilder {
+        PoolBuilder {
+            runspace,
+            min_workers: 1,
+            max_workers: std::thread::available_parallelism().map_or(2, usize::from),
+            queue_capacity: 10_000,
+            wait_timeout: None,
+            idle_timeout: Duration::from_secs(60),
+            health_check_after: Duration::from_secs(300),
+            health_check: Command::script("$true"),
+            retry: RetryPolicy::default(),
+            recycle: RecyclePolicy::default(),
+            restart_backoff: (Duration::from_millis(500), Duration::from_secs(30)),
+            rate_limit: None,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+
+    /// Runs a command on the next free worker and returns everything it produced.
+    ///
+    /// Throttled commands are retried with backoff; an expired session is reconnected and the command
+    /// retried once; an idempotent command whose worker died is retried on a fresh worker. Errors the
+    /// command reports are data (`had_errors`), as with [`Runspace::invoke`].
+    ///
+    /// # Cancel safety
+    /// Dropping the future takes the command out of the queue, or stops it if it is running.
+    pub async fn invoke(&self, command: Command) -> Result<InvocationResult> {
+        self.invoke_inner(command, true).await
+    }
+
+    /// Like [`invoke`](Self::invoke), but fails at once with [`Error::QueueFull`] instead of waiting for
+    /// room in the queue.
+    pub async fn try_invoke(&self, command: Command) -> Result<InvocationResult> {
+        self.invoke_inner(command, false).await
+    }
+
+    async fn invoke_inner(&self, command: Command, wait: bool) -> Result<InvocationResult> {
+        let (tx, rx) = oneshot::channel();
+        let started = self.shared.submit(command, Reply::Collect(tx), wait).await?;
+        self.shared.await_start(started).await?;
+        rx.await.map_err(|_| Error::PoolClosed)?
+    }
+
+    /// Runs a command on the next free worker and yields its items as they come.
+    ///
+    /// A streamed command is not retried (its items may already have been used), except when its worker
+    /// died before it produced anything and the command is idempotent.
+    pub async fn invoke_stream(&self, command: Command) -> Result<PoolStream> {
+        let (tx, rx) = mpsc::channel(self.shared.config.runspace.stream_buffer_len());
+        let started = self.shared.submit(command, Reply::Stream(tx), true).await?;
+        self.shared.await_start(started).await?;
+        Ok(PoolStream { items: rx, completion: None })
+    }
+
+    /// Counters and latency percentiles of the pool and of each worker.
+    pub fn stats(&self) -> PoolStats {
+        let workers: Vec<WorkerStats> = lock(&self.shared.workers).iter().map(|slot| slot.snapshot()).collect();
+        let (queue_wait, latency) = self.shared.timings.snapshot();
+        let sum = |f: fn(&WorkerStats) -> u64| workers.iter().map(f).sum();
+        PoolStats {
+            queued: lock(&self.shared.queue).len(),
+            commands: sum(|w| w.commands),
+            failures: sum(|w| w.failures),
+            retries: sum(|w| w.retries),
+            restarts: sum(|w| w.restarts),
+            recycles: sum(|w| w.recycles),
+            reconnects: sum(|w| w.reconnects),
+            queue_wait,
+            latency,
+            workers,
+        }
+    }
+
+    /// The PowerShell process ids of the live workers.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        lock(&self.shared.workers).iter().filter_map(|slot| slot.snapshot().pid).collect()
+    }
+
+    /// Shuts the pool down: takes no more commands, fails the queued ones with [`Error::PoolClosed`],
+    /// lets running ones finish within the shutdown grace period (then cancels them), runs the
+    /// disconnect command on every worker and waits for every process to exit.
+    pub async fn close(&self) {
+        if self.shared.closed.swap(true, Ordering::SeqCst) {
+            return self.wait_for_workers().await;
+        }
+        self.shared.slots.close();
+        let queued = lock(&self.shared.queue).drain();
+        for job in queued {
+            job.reply.fail(Error::PoolClosed).await;
+        }
+        self.shared.work.notify_waiters();
+        let grace = self.shared.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.wait_for_workers()).await.is_err() {
+            tracing::warn!(?grace, "commands still running after the shutdown grace period: cancelling them");
+            let handles: Vec<CancelHandle> = lock(&self.shared.workers).iter().filter_map(|slot| slot.cancel_handle()).collect();
+            handles.iter().for_each(|h| {
+                h.cancel();
+            });
+            self.wait_for_workers().await;
+        }
+    }
+
+    async fn wait_for_workers(&self) {
+        let tasks: Vec<JoinHandle<()>> = lock(&self.shared.tasks).drain(..).collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Items of a command run with [`RunspacePool::invoke_stream`].
+#[derive(Debug)]
+pub struct PoolStream {
+    items: mpsc::Receiver<Result<Streamed>>,
+    completion: Option<Completion>,
+}
+
+impl PoolStream {
+    /// The next item; `Ok(None)` at the end.
+    ///
+    /// # Cancel safety
+    /// Cancel safe. Dropping the stream stops the command.
+    pub async fn next_item(&mut self) -> Result<Option<StreamItem>> {
+        if self.completion.is_some() {
+            return Ok(None);
+        }
+        match self.items.recv().await {
+            Some(Ok(Streamed::Item(item))) => Ok(Some(item)),
+            Some(Ok(Streamed::Done(completion))) => {
+                self.completion = Some(completion);
+                Ok(None)
+            }
+            Some(Err(error)) => Err(error),
+            None => Err(Error::PoolClosed),
+        }
+    }
+
+    /// How the command ended, once [`next_item`](Self::next_item) has returned `Ok(None)`.
+    pub fn completion(&self) -> Option<Completion> {
+        self.completion
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

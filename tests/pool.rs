@@ -1,0 +1,431 @@
+//! RunspacePool against the real pwsh and the simulated module, with its EXO_SIM_* fault injection.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use psbridge::{Command, Error, RecyclePolicy, RetryPolicy, RunspaceBuilder, RunspacePool};
+use serde_json::{Value, json};
+
+fn get(identity: &str) -> Command {
+    Command::new("Get-Mailbox").param("Identity", identity)
+}
+
+fn user(i: usize) -> String {
+    format!("ContosoUser{}", i % 200 + 1)
+}
+
+/// A pool of `n` workers on a fresh tenant; `extra` adds EXO_SIM_* settings.
+async fn pool(tenant: &Path, n: usize, extra: impl FnOnce(RunspaceBuilder) -> RunspaceBuilder) -> RunspacePool {
+    RunspacePool::builder(extra(common::sim_builder(tenant)))
+        .min_workers(n)
+        .max_workers(n)
+        .retry(RetryPolicy::default().base_delay(Duration::from_millis(10)).max_delay(Duration::from_millis(50)))
+        .restart_backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .build()
+        .await
+        .expect("the pool opens")
+}
+
+#[tokio::test]
+async fn three_workers_run_a_thousand_mixed_commands_correctly() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = pool(tenant.path(), 3, |b| b).await;
+    let pids = pool.worker_pids();
+    assert_eq!(pids.len(), 3);
+    let commands = (0..1000).map(|i| {
+        let pool = pool.clone();
+        async move {
+            let who = user(i);
+            let outcome = match i % 4 {
+                0 | 1 => pool.invoke(get(&who)).await.map(|r| (r.had_errors, r.output.first().map(|o| o.value["Alias"].clone()))),
+                2 => pool.invoke(Command::new("Get-User").param("Identity", who.as_str())).await.map(|r| (r.had_errors, r.output.first().map(|o| o.value["Name"].clone()))),
+                _ => pool
+                    .invoke(Command::new("Set-Mailbox").param("Identity", who.as_str()).param("CustomAttribute2", format!("run-{i}")).key(who.as_str()))
+                    .await
+                    .map(|r| (r.had_errors, Some(json!(who)))),
+            };
+            (i, who, outcome)
+        }
+    });
+    for (i, who, outcome) in join_all(commands).await {
+        let (had_errors, value) = outcome.unwrap_or_else(|e| panic!("command {i} failed: {e}"));
+        assert!(!had_errors, "command {i}");
+        assert_eq!(value, Some(json!(who)), "command {i} answered for the right identity");
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.commands, 1000);
+    assert_eq!(stats.failures, 0);
+    assert!(stats.workers.iter().all(|w| w.commands > 100), "the work was spread: {:?}", stats.workers.iter().map(|w| w.commands).collect::<Vec<_>>());
+    assert!(stats.latency.count == 1000 && stats.latency.p50 > Duration::ZERO);
+    pool.close().await;
+    for pid in pids {
+        assert!(!common::alive(pid), "worker {pid} is gone after close");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_command_is_replaced_and_nothing_fails() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = pool(tenant.path(), 3, |b| b.env("EXO_SIM_LATENCY_MS", "40")).await;
+    let victim = pool.worker_pids()[0];
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    });
+    let results = join_all((0..150).map(|i| pool.invoke(get(&user(i))))).await;
+    killer.await.unwrap();
+    for (i, result) in results.into_iter().enumerate() {
+        let result = result.unwrap_or_else(|e| panic!("command {i}: {e}"));
+        assert_eq!(result.output[0].value["Alias"], json!(user(i)));
+    }
+    let stats = pool.stats();
+    assert!(stats.restarts >= 1, "{stats:?}");
+    assert!(!pool.worker_pids().contains(&victim));
+    assert_eq!(pool.worker_pids().len(), 3, "the dead worker was replaced");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_non_idempotent_command_on_a_dead_worker_fails_clearly_and_is_not_repeated() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = pool(tenant.path(), 1, |b| b).await;
+    let crash = Command::script("[Environment]::Exit(9)");
+    let error = pool.invoke(crash).await.unwrap_err();
+    assert!(matches!(error, Error::WorkerExited(_)), "{error:?}");
+    assert!(error.to_string().contains("exit status: 9"), "{error}");
+    assert_eq!(pool.stats().retries, 0, "a script is not idempotent unless marked");
+    // the pool goes on with a fresh worker
+    assert_eq!(pool.invoke(get("ContosoUser1")).await.unwrap().output.len(), 1);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn same_key_commands_never_overlap_and_keep_their_order() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = pool(tenant.path(), 3, |b| b.env("EXO_SIM_LATENCY_MS", "20")).await;
+    // Each step reads the attribute and writes it back with its number appended: a lost update or a
+    // step out of order shows in the final value.
+    let append = "param($Identity, $Step)
+        $now = (Get-Mailbox -Identity $Identity).CustomAttribute3
+        Set-Mailbox -Identity $Identity -CustomAttribute3 \"$now,$Step\"";
+    let steps = 24;
+    let mut calls = Vec::new();
+    for step in 1..=steps {
+        for identity in ["ContosoUser10", "ContosoUser11"] {
+            let command = Command::script(append).param("Identity", identity).param("Step", step).key(identity);
+            calls.push(pool.invoke(command));
+        }
+    }
+    for result in join_all(calls).await {
+        let result = result.unwrap();
+        assert!(!result.had_errors, "{:?}", result.errors);
+    }
+    let expected: String = (1..=steps).map(|s| format!(",{s}")).collect();
+    for identity in ["ContosoUser10", "ContosoUser11"] {
+        let r = pool.invoke(get(identity)).await.unwrap();
+        assert_eq!(r.output[0].value["CustomAttribute3"], json!(expected), "{identity}: every step, in order");
+    }
+    // The module's own timestamps: writes to one identity never overlap; the two keys ran side by side.
+    let audit = std::fs::read_to_string(tenant.path().join("audit.jsonl")).unwrap();
+    let mut spans: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for line in audit.lines() {
+        let entry: Value = serde_json::from_str(line).unwrap();
+        let identity = entry["identity"].as_str().unwrap().to_owned();
+        spans.entry(identity).or_default().push((entry["start"].as_str().unwrap().into(), entry["end"].as_str().unwrap().into()));
+    }
+    for (identity, mut list) in spans.clone() {
+        list.sort();
+        assert_eq!(list.len(), steps, "{identity}");
+        for pair in list.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "{identity}: writes overlap: {pair:?}");
+        }
+    }
+    let a = &spans["ContosoUser10"];
+    let b = &spans["ContosoUser11"];
+    let overlapping = a.iter().any(|(s1, e1)| b.iter().any(|(s2, e2)| s1 < e2 && s2 < e1));
+    assert!(overlapping, "different keys run in parallel");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_throttling_storm_ends_with_every_idempotent_command_succeeding() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_THROTTLE_RATE", "0.3"))
+        .min_workers(3)
+        .max_workers(3)
+        .retry(RetryPolicy::default().max_attempts(15).base_delay(Duration::from_millis(5)).max_delay(Duration::from_millis(20)))
+        .build()
+        .await
+        .unwrap();
+    let results = join_all((0..200).map(|i| pool.invoke(get(&user(i))))).await;
+    for (i, result) in results.into_iter().enumerate() {
+        let result = result.unwrap();
+        assert!(!result.had_errors, "command {i}: {:?}", result.errors);
+        assert_eq!(result.output[0].value["Alias"], json!(user(i)));
+    }
+    assert!(pool.stats().retries > 20, "about 30% of 200 calls were throttled: {:?}", pool.stats().retries);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn permanent_errors_are_never_retried() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = pool(tenant.path(), 1, |b| b).await;
+    let r = pool.invoke(get("nobody-at-all")).await.unwrap();
+    assert!(r.had_errors);
+    assert_eq!(pool.stats().retries, 0);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn token_expiry_triggers_reconnects_and_no_failures() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = pool(tenant.path(), 2, |b| b.env("EXO_SIM_TOKEN_LIFETIME_S", "2")).await;
+    for round in 0..7 {
+        let results = join_all((0..6).map(|i| pool.invoke(get(&user(round * 6 + i))))).await;
+        for result in results {
+            let result = result.unwrap();
+            assert!(!result.had_errors, "round {round}: {:?}", result.errors);
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert!(pool.stats().reconnects >= 2, "{:?}", pool.stats());
+    assert_eq!(pool.stats().failures, 0);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_hanging_command_times_out_and_its_worker_is_replaced() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = pool(tenant.path(), 2, |b| b.env("EXO_SIM_HANG_ON", "ContosoUser5").stop_grace(Duration::from_secs(1))).await;
+    let before = pool.worker_pids();
+    let error = pool.invoke(get("ContosoUser5").timeout(Duration::from_secs(2))).await.unwrap_err();
+
+    assert!(matches!(error, Error::Timeout { worker_killed: true, .. }), "{error:?}");
+    for i in 10..20 {
+        assert!(!pool.invoke(get(&user(i))).await.unwrap().had_errors);
+    }
+    // The replacement starts in the background while the other worker serves.
+    let mut after = pool.worker_pids();
+    for _ in 0..600 {
+        if after.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = pool.worker_pids();
+    }
+    assert_eq!(after.len(), 2, "the hung worker was replaced");
+    assert!(after.iter().any(|pid| !before.contains(pid)), "by a new process: {before:?} -> {after:?}");
+    assert!(pool.stats().restarts >= 1);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn workers_are_recycled_by_command_count_and_by_memory() {
+    let tenant = tempfile::tempdir().unwrap();
+    let by_count = RunspacePool::builder(common::sim_builder(tenant.path()))
+        .min_workers(1)
+        .max_workers(1)
+        .recycle(RecyclePolicy { max_commands: Some(10), ..Default::default() })
+        .build()
+        .await
+        .unwrap();
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..25 {
+        assert!(!by_count.invoke(get(&user(i))).await.unwrap().had_errors);
+        pids.extend(by_count.worker_pids());
+    }
+    assert_eq!(by_count.stats().recycles, 2, "after commands 10 and 20");
+    assert_eq!(pids.len(), 3, "three processes served the 25 commands");
+    by_count.close().await;
+
+    // Any real worker is above 1 MB resident, so each command is followed by a recycle.
+    let by_memory = RunspacePool::builder(common::sim_builder(tenant.path()))
+        .min_workers(1)
+        .max_workers(1)
+        .recycle(RecyclePolicy { max_resident_bytes: Some(1024 * 1024), ..Default::default() })
+        .build()
+        .await
+        .unwrap();
+    for i in 0..2 {
+        assert!(!by_memory.invoke(get(&user(i))).await.unwrap().had_errors);
+    }
+    assert_eq!(by_memory.stats().recycles, 2);
+    by_memory.close().await;
+}
+
+#[tokio::test]
+async fn the_pool_grows_under_load_and_shrinks_when_idle() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_LATENCY_MS", "300"))
+        .min_workers(1)
+        .max_workers(3)
+        .idle_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(pool.worker_pids().len(), 1);
+    let results = join_all((0..30).map(|i| pool.invoke(get(&user(i))))).await;
+    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|r| !r.had_errors)));
+    let grown = pool.stats().workers.len();
+    assert!(grown >= 2, "the pool grew: {grown} slots");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(pool.worker_pids().len(), 1, "back to min_workers when idle");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_and_a_long_wait_are_clear_errors() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = RunspacePool::builder(common::sim_builder(tenant.path()))
+        .min_workers(1)
+        .max_workers(1)
+        .queue_capacity(1)
+        .wait_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let busy = pool.clone();
+    let running = tokio::spawn(async move { busy.invoke(Command::script("Start-Sleep -Seconds 3; 'done'")).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = pool.clone();
+    let queued = tokio::spawn(async move { waiting.invoke(Command::script("'queued'")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let full = pool.try_invoke(Command::script("'no room'")).await.unwrap_err();
+    assert!(matches!(full, Error::QueueFull { capacity: 1 }), "{full:?}");
+    assert!(matches!(queued.await.unwrap(), Err(Error::WaitTimeout(_))));
+    assert_eq!(running.await.unwrap().unwrap().output[0].value, "done");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_pool_that_cannot_open_says_which_workers_failed_and_why() {
+    let error = RunspacePool::builder(common::builder().module("Psbridge.Missing.Module")).min_workers(2).build().await.unwrap_err();
+    let Error::PoolOpen { wanted, failures } = &error else { panic!("{error:?}") };
+    assert_eq!(*wanted, 2);
+    assert_eq!(failures.len(), 2);
+    assert!(failures.iter().all(|f| matches!(f, Error::ModuleImport { .. })));
+    assert!(error.to_string().contains("Psbridge.Missing.Module"), "{error}");
+}
+
+#[tokio::test]
+async fn the_stream_form_delivers_items_as_they_come() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = pool(tenant.path(), 2, |b| b).await;
+    let mut stream = pool.invoke_stream(Command::new("Get-Mailbox").param("ResultSize", "Unlimited")).await.unwrap();
+    let mut count = 0;
+    while let Some(item) = stream.next_item().await.unwrap() {
+        if let psbridge::StreamItem::Output(mailbox) = item {
+            assert!(mailbox.value["Alias"].as_str().unwrap().starts_with("ContosoUser"));
+            count += 1;
+        }
+    }
+    assert!(count >= 200);
+    assert!(!stream.completion().unwrap().had_errors);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn memory_stays_flat_over_ten_thousand_commands() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = pool(tenant.path(), 3, |b| b).await;
+    let run = |from: usize, to: usize| {
+        let pool = pool.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for lane in 0..6 {
+                let pool = pool.clone();
+                tasks.push(tokio::spawn(async move {
+                    for i in (from + lane..to).step_by(6) {
+                        let r = pool.invoke(get(&user(i))).await.unwrap();
+                        assert!(!r.had_errors);
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+        }
+    };
+    let rss = |pool: &RunspacePool| -> (u64, u64) {
+        let workers = pool.worker_pids().iter().map(|pid| common::status_kb(*pid, "VmRSS")).sum();
+        (workers, common::status_kb(std::process::id(), "VmRSS"))
+    };
+    run(0, 2000).await; // warm-up: JIT, caches, the histogram
+    let (workers_before, own_before) = rss(&pool);
+    run(2000, 10_000).await;
+    let (workers_after, own_after) = rss(&pool);
+    assert_eq!(pool.stats().commands, 10_000);
+    let workers_growth = workers_after.saturating_sub(workers_before) / 1024;
+    let own_growth = own_after.saturating_sub(own_before) / 1024;
+    assert!(workers_growth < 90, "3 workers grew {workers_growth} MB over 8,000 commands");
+    assert!(own_growth < 20, "the caller grew {own_growth} MB over 8,000 commands");
+    pool.close().await;
+}
+
+#[test]
+fn a_panic_in_the_caller_leaves_no_worker_behind() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tenant = tempfile::tempdir().unwrap();
+    let path = tenant.path().to_path_buf();
+    let outcome = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let pool = pool(&path, 2, |b| b).await;
+            tx.send(pool.worker_pids()).unwrap();
+            panic!("the caller panics with the pool open");
+        });
+    })
+    .join();
+    assert!(outcome.is_err());
+    let pids = rx.recv().unwrap();
+    assert_eq!(pids.len(), 2);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for pid in pids {
+        assert!(runtime.block_on(common::gone_within(pid, Duration::from_secs(15))), "worker {pid} outlived the panic");
+    }
+}
+
+/// The example binary of Sample 2, built by `cargo test` next to the test binaries.
+fn example_binary() -> std::path::PathBuf {
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    deps.parent().unwrap().join("examples").join("pool")
+}
+
+async fn signal_leaves_no_worker_behind(signal: nix::sys::signal::Signal) {
+    let tenant = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(example_binary())
+        .args(["--simulated", "--hold"])
+        .env("EXO_SIM_TENANT", tenant.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the pool example was built by cargo test");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let pids: Vec<u32> = loop {
+        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await.unwrap().unwrap().expect("the example prints its pids");
+        if let Some(pids) = line.strip_prefix("pids ") {
+            break pids.split_whitespace().map(|p| p.parse().unwrap()).collect();
+        }
+    };
+    assert_eq!(pids.len(), 3);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), signal).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), child.wait()).await.unwrap().unwrap();
+    for pid in pids {
+        assert!(common::gone_within(pid, Duration::from_secs(15)).await, "worker {pid} outlived {signal:?}");
+    }
+}
+
+#[tokio::test]
+async fn sigint_leaves_no_worker_behind() {
+    signal_leaves_no_worker_behind(nix::sys::signal::Signal::SIGINT).await;
+}
+
+#[tokio::test]
+async fn sigterm_leaves_no_worker_behind() {
+    signal_leaves_no_worker_behind(nix::sys::signal::Signal::SIGTERM).await;
+}
