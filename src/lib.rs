@@ -3,6 +3,7 @@
 
 mod command;
 mod errors;
+mod lines;
 mod locate;
 mod pool;
 mod process;

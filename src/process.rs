@@ -8,9 +8,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::process::{Child, ChildStderr};
 use tokio::sync::{Notify, watch};
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use crate::errors::WorkerExit;
+use crate::lines::{Line, bounded_lines};
 
 /// Longest stderr line kept; pwsh's own error output is far shorter.
 const MAX_STDERR_LINE: usize = 64 * 1024;
@@ -205,12 +205,12 @@ fn kill_group(child: &mut Child, pid: u32) {
 }
 
 async fn drain_stderr(stderr: ChildStderr, pid: u32, tail: Arc<Mutex<VecDeque<String>>>, keep: usize) {
-    let mut lines = FramedRead::new(stderr, LinesCodec::new_with_max_length(MAX_STDERR_LINE));
+    let mut lines = bounded_lines(stderr, MAX_STDERR_LINE);
     while let Some(line) = lines.next().await {
         let line = match line {
-            Ok(line) => line,
-            Err(LinesCodecError::MaxLineLengthExceeded) => format!("[stderr line longer than {MAX_STDERR_LINE} bytes omitted]"),
-            Err(LinesCodecError::Io(_)) => break,
+            Ok(Line::Text(line)) => line,
+            Ok(Line::TooLong) => format!("[stderr line longer than {MAX_STDERR_LINE} bytes omitted]"),
+            Err(_) => break,
         };
         tracing::debug!(target: "psbridge::worker_stderr", pid, "{line}");
         let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());

@@ -11,12 +11,13 @@ use serde_json::{Map, Value};
 use tokio::process::ChildStdout;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::codec::FramedRead;
 use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use crate::command::Command;
 use crate::errors::{Error, Result, WorkerExit};
+use crate::lines::{BoundedLines, Line, bounded_lines};
 use crate::locate::find_pwsh;
 use crate::process::{self, ProcessMonitor};
 use crate::protocol::{self, Message, ModuleSpec, PROTOCOL_VERSION, WorkerInfo};
@@ -421,18 +422,18 @@ impl Runspace {
         let monitor = ProcessMonitor::start(child, config.stderr_tail_lines);
         // From here on, dropping the future (or failing) must not leave the process behind.
         let guard = KillOnDrop(Some(monitor.clone()));
-        let mut lines = FramedRead::new(stdout, LinesCodec::new_with_max_length(config.max_line_length));
+        let mut lines = bounded_lines(stdout, config.max_line_length);
         let first = tokio::time::timeout(config.start_timeout, lines.next()).await;
         let info = match first {
             Err(_) => return Err(Error::StartTimeout { stage: "worker start", after: config.start_timeout }),
-            Ok(None) | Ok(Some(Err(LinesCodecError::Io(_)))) => {
+            Ok(None) | Ok(Some(Err(_))) => {
                 let exit = monitor.wait_or_kill(Duration::from_secs(5), "no ready message").await;
                 return Err(Error::Handshake { reason: format!("the worker ended before saying it was ready ({exit})") });
             }
-            Ok(Some(Err(LinesCodecError::MaxLineLengthExceeded))) => {
+            Ok(Some(Ok(Line::TooLong))) => {
                 return Err(Error::Handshake { reason: "the first line was longer than max_line_length".into() });
             }
-            Ok(Some(Ok(line))) => match protocol::decode(&line) {
+            Ok(Some(Ok(Line::Text(line)))) => match protocol::decode(&line) {
                 Ok(Message::Ready(info)) => info,
                 _ => {
                     let shown: String = line.chars().take(200).collect();
@@ -798,12 +799,12 @@ async fn write_frames(mut stdin: tokio::process::ChildStdin, mut frames: mpsc::U
 }
 
 /// Owns the worker's stdout: decodes each line and hands it to the invocation it belongs to.
-async fn read_messages(mut lines: FramedRead<ChildStdout, LinesCodec>, shared: Arc<Shared>) {
+async fn read_messages(mut lines: FramedRead<ChildStdout, BoundedLines>, shared: Arc<Shared>) {
     while let Some(line) = lines.next().await {
         let message = match line {
-            Ok(line) => protocol::decode(&line),
-            Err(LinesCodecError::MaxLineLengthExceeded) => {
-                // The codec skips to the next newline, so the stream stays in step: fail the current
+            Ok(Line::Text(line)) => protocol::decode(&line),
+            Ok(Line::TooLong) => {
+                // The codec skipped to the next newline, so the stream stays in step: fail the current
                 // invocation only.
                 let error = Error::ProtocolViolation(
                     "a message from the worker was longer than max_line_length; raise RunspaceBuilder::max_line_length \
@@ -817,7 +818,12 @@ async fn read_messages(mut lines: FramedRead<ChildStdout, LinesCodec>, shared: A
                 }
                 continue;
             }
-            Err(LinesCodecError::Io(_)) => break,
+            Err(error) => {
+                // Nobody reads the worker's output any more: end it rather than leave it blocked.
+                tracing::error!(pid = shared.monitor.pid(), %error, "reading the worker's stdout failed");
+                shared.monitor.kill("reading its stdout failed");
+                break;
+            }
         };
         match message {
             Ok(Message::Item(id, item)) => deliver(&shared, id, Ok(Event::Item(item))).await,

@@ -429,3 +429,36 @@ async fn sigint_leaves_no_worker_behind() {
 async fn sigterm_leaves_no_worker_behind() {
     signal_leaves_no_worker_behind(nix::sys::signal::Signal::SIGTERM).await;
 }
+
+#[tokio::test]
+async fn an_idle_worker_whose_session_broke_is_reconnected_by_the_health_check() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_TOKEN_LIFETIME_S", "1"))
+        .min_workers(1)
+        .max_workers(1)
+        .health_check_after(Duration::ZERO)
+        .health_check(Command::new("Get-ConnectionInformation"))
+        .build()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A script that does not touch Exchange cannot notice the expiry itself: only the check can.
+    let r = pool.invoke(Command::script("'no exchange here'")).await.unwrap();
+    assert_eq!(r.output[0].value, "no exchange here");
+    assert!(pool.stats().reconnects >= 1, "{:?}", pool.stats());
+    let r = pool.invoke(Command::new("Get-ConnectionInformation")).await.unwrap();
+    assert_eq!(r.output[0].value["TokenStatus"], "Active", "{r:?}");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn the_rate_limit_spaces_command_starts() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = RunspacePool::builder(common::sim_builder(tenant.path())).min_workers(2).max_workers(2).rate_limit(5.0).build().await.unwrap();
+    let started = std::time::Instant::now();
+    let results = join_all((0..11).map(|i| pool.invoke(get(&user(i))))).await;
+    assert!(results.iter().all(|r| r.is_ok()));
+    // 11 starts at 5 per second: the last may start no sooner than 2 s after the first.
+    assert!(started.elapsed() >= Duration::from_millis(1900), "{:?}", started.elapsed());
+    pool.close().await;
+}

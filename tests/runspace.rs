@@ -497,3 +497,36 @@ async fn grandchildren_die_with_the_worker() {
     rs.close().await.unwrap();
     assert!(common::gone_within(grandchild, Duration::from_secs(10)).await, "the native child was ended with the group");
 }
+
+/// A stand-in for pwsh: a shell script that prints `first_line` and then waits for stdin to close.
+fn fake_pwsh(dir: &std::path::Path, first_line: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("fake-pwsh");
+    std::fs::write(&path, format!("#!/bin/sh\necho '{first_line}'\necho 'fake pwsh here' >&2\ncat > /dev/null\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_worker_of_another_protocol_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = r#"{"t":"ready","protocol":999,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":1}"#;
+    let error = psbridge::Runspace::builder().pwsh(fake_pwsh(dir.path(), ready)).open().await.unwrap_err();
+    assert!(matches!(error, Error::ProtocolMismatch { expected: 1, found: 999 }), "{error:?}");
+    assert!(error.to_string().contains("same psbridge build"), "{error}");
+
+    let error = psbridge::Runspace::builder().pwsh(fake_pwsh(dir.path(), "Welcome to some shell")).open().await.unwrap_err();
+    let Error::Handshake { reason } = &error else { panic!("{error:?}") };
+    assert!(reason.contains("Welcome to some shell"), "{reason}");
+}
+
+#[tokio::test]
+async fn an_over_long_line_fails_that_command_only() {
+    let mut rs = common::builder().max_line_length(10_000).open().await.unwrap();
+    let r = rs.invoke(&Command::script("'x' * 50000")).await;
+    let error = r.unwrap_err();
+    assert!(matches!(error, Error::ProtocolViolation(_)), "{error:?}");
+    assert!(error.to_string().contains("max_line_length"), "{error}");
+    let r = rs.invoke(&Command::script("'x' * 5000")).await.unwrap();
+    assert_eq!(r.output[0].value.as_str().unwrap().len(), 5000, "the worker goes on, in step");
+}
