@@ -57,9 +57,9 @@ async fn three_workers_run_a_thousand_mixed_commands_correctly() {
         assert_eq!(value, Some(json!(who)), "command {i} answered for the right identity");
     }
     let stats = pool.stats();
-    assert_eq!(stats.commands, 1000);
-    assert_eq!(stats.failures, 0);
-    assert!(stats.workers.iter().all(|w| w.commands > 100), "the work was spread: {:?}", stats.workers.iter().map(|w| w.commands).collect::<Vec<_>>());
+    assert_eq!(stats.counters.commands, 1000);
+    assert_eq!(stats.counters.failures, 0);
+    assert!(stats.workers.iter().all(|w| w.counters.commands > 100), "the work was spread: {:?}", stats.workers.iter().map(|w| w.counters.commands).collect::<Vec<_>>());
     assert!(stats.latency.count == 1000 && stats.latency.p50 > Duration::ZERO);
     pool.close().await;
     for pid in pids {
@@ -83,7 +83,7 @@ async fn a_worker_killed_mid_command_is_replaced_and_nothing_fails() {
         assert_eq!(result.output[0].value["Alias"], json!(user(i)));
     }
     let stats = pool.stats();
-    assert!(stats.restarts >= 1, "{stats:?}");
+    assert!(stats.counters.restarts >= 1, "{stats:?}");
     assert!(!pool.worker_pids().contains(&victim));
     assert_eq!(pool.worker_pids().len(), 3, "the dead worker was replaced");
     pool.close().await;
@@ -97,7 +97,7 @@ async fn a_non_idempotent_command_on_a_dead_worker_fails_clearly_and_is_not_repe
     let error = pool.invoke(crash).await.unwrap_err();
     assert!(matches!(error, Error::WorkerExited(_)), "{error:?}");
     assert!(error.to_string().contains("exit status: 9"), "{error}");
-    assert_eq!(pool.stats().retries, 0, "a script is not idempotent unless marked");
+    assert_eq!(pool.stats().counters.retries, 0, "a script is not idempotent unless marked");
     // the pool goes on with a fresh worker
     assert_eq!(pool.invoke(get("ContosoUser1")).await.unwrap().output.len(), 1);
     pool.close().await;
@@ -167,7 +167,7 @@ async fn a_throttling_storm_ends_with_every_idempotent_command_succeeding() {
         assert!(!result.had_errors, "command {i}: {:?}", result.errors);
         assert_eq!(result.output[0].value["Alias"], json!(user(i)));
     }
-    assert!(pool.stats().retries > 20, "about 30% of 200 calls were throttled: {:?}", pool.stats().retries);
+    assert!(pool.stats().counters.retries > 20, "about 30% of 200 calls were throttled: {:?}", pool.stats().counters.retries);
     pool.close().await;
 }
 
@@ -177,7 +177,7 @@ async fn permanent_errors_are_never_retried() {
     let pool = pool(tenant.path(), 1, |b| b).await;
     let r = pool.invoke(get("nobody-at-all")).await.unwrap();
     assert!(r.had_errors);
-    assert_eq!(pool.stats().retries, 0);
+    assert_eq!(pool.stats().counters.retries, 0);
     pool.close().await;
 }
 
@@ -193,8 +193,8 @@ async fn token_expiry_triggers_reconnects_and_no_failures() {
         }
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
-    assert!(pool.stats().reconnects >= 2, "{:?}", pool.stats());
-    assert_eq!(pool.stats().failures, 0);
+    assert!(pool.stats().counters.reconnects >= 2, "{:?}", pool.stats());
+    assert_eq!(pool.stats().counters.failures, 0);
     pool.close().await;
 }
 
@@ -220,7 +220,7 @@ async fn a_hanging_command_times_out_and_its_worker_is_replaced() {
     }
     assert_eq!(after.len(), 2, "the hung worker was replaced");
     assert!(after.iter().any(|pid| !before.contains(pid)), "by a new process: {before:?} -> {after:?}");
-    assert!(pool.stats().restarts >= 1);
+    assert!(pool.stats().counters.restarts >= 1);
     pool.close().await;
 }
 
@@ -239,7 +239,7 @@ async fn workers_are_recycled_by_command_count_and_by_memory() {
         assert!(!by_count.invoke(get(&user(i))).await.unwrap().had_errors);
         pids.extend(by_count.worker_pids());
     }
-    assert_eq!(by_count.stats().recycles, 2, "after commands 10 and 20");
+    assert_eq!(by_count.stats().counters.recycles, 2, "after commands 10 and 20");
     assert_eq!(pids.len(), 3, "three processes served the 25 commands");
     by_count.close().await;
 
@@ -254,7 +254,7 @@ async fn workers_are_recycled_by_command_count_and_by_memory() {
     for i in 0..2 {
         assert!(!by_memory.invoke(get(&user(i))).await.unwrap().had_errors);
     }
-    assert_eq!(by_memory.stats().recycles, 2);
+    assert_eq!(by_memory.stats().counters.recycles, 2);
     by_memory.close().await;
 }
 
@@ -359,7 +359,7 @@ async fn memory_stays_flat_over_ten_thousand_commands() {
     let (workers_before, own_before) = rss(&pool);
     run(2000, 10_000).await;
     let (workers_after, own_after) = rss(&pool);
-    assert_eq!(pool.stats().commands, 10_000);
+    assert_eq!(pool.stats().counters.commands, 10_000);
     let workers_growth = workers_after.saturating_sub(workers_before) / 1024;
     let own_growth = own_after.saturating_sub(own_before) / 1024;
     assert!(workers_growth < 90, "3 workers grew {workers_growth} MB over 8,000 commands");
@@ -445,7 +445,7 @@ async fn an_idle_worker_whose_session_broke_is_reconnected_by_the_health_check()
     // A script that does not touch Exchange cannot notice the expiry itself: only the check can.
     let r = pool.invoke(Command::script("'no exchange here'")).await.unwrap();
     assert_eq!(r.output[0].value, "no exchange here");
-    assert!(pool.stats().reconnects >= 1, "{:?}", pool.stats());
+    assert!(pool.stats().counters.reconnects >= 1, "{:?}", pool.stats());
     let r = pool.invoke(Command::new("Get-ConnectionInformation")).await.unwrap();
     assert_eq!(r.output[0].value["TokenStatus"], "Active", "{r:?}");
     pool.close().await;

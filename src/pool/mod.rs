@@ -24,7 +24,7 @@ use crate::records::{Completion, InvocationResult, StreamItem};
 use crate::retry::RetryPolicy;
 use crate::runspace::{CancelHandle, Runspace, RunspaceBuilder};
 use queue::{Job, Queue, Reply, Streamed};
-pub use stats::{Percentiles, PoolStats, WorkerState, WorkerStats};
+pub use stats::{Counters, Percentiles, PoolStats, WorkerState, WorkerStats};
 use stats::Timings;
 
 /// When a worker is replaced by a fresh one even though it is healthy.
@@ -373,15 +373,9 @@ impl RunspacePool {
     pub fn stats(&self) -> PoolStats {
         let workers: Vec<WorkerStats> = lock(&self.shared.workers).iter().map(|slot| slot.snapshot()).collect();
         let (queue_wait, latency) = self.shared.timings.snapshot();
-        let sum = |f: fn(&WorkerStats) -> u64| workers.iter().map(f).sum();
         PoolStats {
             queued: lock(&self.shared.queue).len(),
-            commands: sum(|w| w.commands),
-            failures: sum(|w| w.failures),
-            retries: sum(|w| w.retries),
-            restarts: sum(|w| w.restarts),
-            recycles: sum(|w| w.recycles),
-            reconnects: sum(|w| w.reconnects),
+            counters: workers.iter().map(|w| w.counters).sum(),
             queue_wait,
             latency,
             workers,

@@ -36,18 +36,10 @@ pub enum WorkerState {
     Stopped,
 }
 
-/// One worker's counters.
-#[derive(Debug, Clone)]
-pub struct WorkerStats {
-    /// The slot's number in the pool.
-    pub id: usize,
-    /// What it is doing.
-    pub state: WorkerState,
-    /// The PowerShell process id of its current runspace.
-    pub pid: Option<u32>,
-    /// Resident memory of that process when last read (Linux), in bytes.
-    pub resident_bytes: Option<u64>,
-    /// Commands finished (whatever their outcome) on this slot.
+/// What happened on a worker slot, or on the whole pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Commands finished, whatever their outcome.
     pub commands: u64,
     /// Commands that ended in an error (had_errors or a bridge error).
     pub failures: u64,
@@ -59,6 +51,34 @@ pub struct WorkerStats {
     pub recycles: u64,
     /// Connect commands run again after a token expired or the connection broke.
     pub reconnects: u64,
+}
+
+impl std::iter::Sum for Counters {
+    fn sum<I: Iterator<Item = Counters>>(counters: I) -> Counters {
+        counters.fold(Counters::default(), |a, b| Counters {
+            commands: a.commands + b.commands,
+            failures: a.failures + b.failures,
+            retries: a.retries + b.retries,
+            restarts: a.restarts + b.restarts,
+            recycles: a.recycles + b.recycles,
+            reconnects: a.reconnects + b.reconnects,
+        })
+    }
+}
+
+/// One worker's state and counters.
+#[derive(Debug, Clone)]
+pub struct WorkerStats {
+    /// The slot's number in the pool.
+    pub id: usize,
+    /// What it is doing.
+    pub state: WorkerState,
+    /// The PowerShell process id of its current runspace.
+    pub pid: Option<u32>,
+    /// Resident memory of that process when last read (Linux), in bytes.
+    pub resident_bytes: Option<u64>,
+    /// What happened on this slot.
+    pub counters: Counters,
     /// Commands run by the current runspace.
     pub runspace_commands: u64,
     /// When the current runspace was opened.
@@ -72,12 +92,7 @@ impl WorkerStats {
             state: WorkerState::Starting,
             pid: None,
             resident_bytes: None,
-            commands: 0,
-            failures: 0,
-            retries: 0,
-            restarts: 0,
-            recycles: 0,
-            reconnects: 0,
+            counters: Counters::default(),
             runspace_commands: 0,
             runspace_opened: None,
         }
@@ -96,18 +111,8 @@ pub struct PoolStats {
     pub workers: Vec<WorkerStats>,
     /// Commands waiting for a worker.
     pub queued: usize,
-    /// Sum over the workers.
-    pub commands: u64,
-    /// Sum over the workers.
-    pub failures: u64,
-    /// Sum over the workers.
-    pub retries: u64,
-    /// Sum over the workers.
-    pub restarts: u64,
-    /// Sum over the workers.
-    pub recycles: u64,
-    /// Sum over the workers.
-    pub reconnects: u64,
+    /// The sum of the workers' counters.
+    pub counters: Counters,
     /// Time from submission until a worker took the command.
     pub queue_wait: Percentiles,
     /// Time from submission until the result (retries included).

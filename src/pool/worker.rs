@@ -96,8 +96,8 @@ pub(crate) async fn run(shared: Arc<PoolShared>, slot: Arc<Slot>, initial: Optio
             lock(&shared.queue).release(key.as_deref());
             shared.work.notify_waiters();
             slot.update(|s| {
-                s.commands += 1;
-                s.failures += u64::from(failed);
+                s.counters.commands += 1;
+                s.counters.failures += u64::from(failed);
                 s.runspace_commands += 1;
             });
             idle_since = Instant::now();
@@ -199,7 +199,7 @@ fn drop_if_dead(slot: &Slot, runspace: &mut Option<Runspace>) -> bool {
         tracing::warn!(exit = %runspace.as_ref().and_then(Runspace::exit_status).map(|e| e.to_string()).unwrap_or_default(), "pool worker died");
         *runspace = None;
         slot.detach();
-        slot.update(|s| s.restarts += 1);
+        slot.update(|s| s.counters.restarts += 1);
     }
     dead
 }
@@ -246,7 +246,7 @@ async fn run_collect(
                 Some(Failure::Transient { retry_after }) if policy.retries_transient() && attempt < policy.attempts() => {
                     let delay = policy.delay(attempt, retry_after);
                     tracing::debug!(attempt, ?delay, "throttled: retrying");
-                    slot.update(|s| s.retries += 1);
+                    slot.update(|s| s.counters.retries += 1);
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = caller.closed() => return Err(Error::Cancelled { worker_killed: false }),
@@ -255,12 +255,12 @@ async fn run_collect(
                 Some(Failure::ExpiredToken) if !reconnected => {
                     // The session expired: connect again and retry once, not counted as an attempt.
                     reconnected = true;
-                    slot.update(|s| s.reconnects += 1);
+                    slot.update(|s| s.counters.reconnects += 1);
                     if let Err(error) = rs.reconnect().await {
                         tracing::warn!(%error, "reconnect failed: replacing the worker");
                         *runspace = None;
                         slot.detach();
-                        slot.update(|s| s.restarts += 1);
+                        slot.update(|s| s.counters.restarts += 1);
                     }
                     continue;
                 }
@@ -274,7 +274,7 @@ async fn run_collect(
                 if !retry {
                     return Err(error);
                 }
-                slot.update(|s| s.retries += 1);
+                slot.update(|s| s.counters.retries += 1);
             }
         }
         attempt += 1;
@@ -327,7 +327,7 @@ async fn run_stream(
                     let _ = caller.send(Err(error)).await;
                     return true;
                 }
-                slot.update(|s| s.retries += 1);
+                slot.update(|s| s.counters.retries += 1);
                 attempt += 1;
             }
         }
@@ -341,11 +341,11 @@ async fn check_health(shared: &PoolShared, slot: &Slot, runspace: &mut Option<Ru
         Ok(result) if healthy(&result) => {}
         Ok(_) => {
             tracing::info!("health check failed: reconnecting");
-            slot.update(|s| s.reconnects += 1);
+            slot.update(|s| s.counters.reconnects += 1);
             if rs.reconnect().await.is_err() {
                 *runspace = None;
                 slot.detach();
-                slot.update(|s| s.restarts += 1);
+                slot.update(|s| s.counters.restarts += 1);
             }
         }
         Err(_) => {
@@ -376,7 +376,7 @@ async fn recycle_if_due(shared: &PoolShared, slot: &Slot, runspace: &mut Option<
     tracing::info!(by_count, by_age, by_memory, resident = ?stats.resident_bytes, "recycling the worker");
     slot.update(|s| {
         s.state = WorkerState::Recycling;
-        s.recycles += 1;
+        s.counters.recycles += 1;
     });
     slot.detach();
     if let Err(error) = old.close().await {
