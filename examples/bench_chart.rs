@@ -92,8 +92,9 @@ fn draw(panel: &Panel, records: &[Value], bars: &Bars) -> Result<(), Failure> {
         }};
     }
     if bars.log {
-        // Value labels sit just above their bar: text is anchored at its top left corner.
-        plot!(builder.build_cartesian_2d(x_range, (0.1f64..max * 8.0).log_scale())?, 0.1, |v: f64| v * 1.6);
+        // Headroom above the tallest bar keeps the legend clear of it. Value labels sit just above
+        // their bar: text is anchored at its top left corner.
+        plot!(builder.build_cartesian_2d(x_range, (0.1f64..max * 40.0).log_scale())?, 0.1, |v: f64| v * 1.6);
     } else {
         plot!(builder.build_cartesian_2d(x_range, 0f64..max * 1.25)?, 0.0, |v: f64| v + max * 0.06);
     }
