@@ -174,7 +174,10 @@ fn base64_encode(bytes: &[u8]) -> String {
 
 /// A `cancel` or `exit` message.
 pub(crate) fn control(kind: &str, id: Option<u64>) -> Zeroizing<Vec<u8>> {
-    encode(&serde_json::json!({"t": kind, "id": id}))
+    match id {
+        Some(id) => encode(&serde_json::json!({"t": kind, "id": id})),
+        None => encode(&serde_json::json!({"t": kind})),
+    }
 }
 
 /// A message from the worker, decoded.

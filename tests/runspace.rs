@@ -477,9 +477,10 @@ async fn session_variables_are_defined_before_anything_runs() {
 
 #[tokio::test]
 async fn close_ends_the_worker_and_drop_kills_it() {
-    let rs = common::plain().await;
+    let rs = common::builder().shutdown_grace(Duration::from_secs(20)).open().await.unwrap();
     let pid = rs.pid();
-    rs.close().await.unwrap();
+    // The worker honours the exit request: close() does not sit out the shutdown grace and kill it.
+    tokio::time::timeout(Duration::from_secs(15), rs.close()).await.expect("the worker exits when asked").unwrap();
     assert!(!common::alive(pid));
 
     let rs = common::plain().await;

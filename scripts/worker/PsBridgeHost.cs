@@ -232,7 +232,7 @@ namespace PsBridge
             var doc = JsonDocument.Parse(line);
             var root = doc.RootElement;
             var request = new Request { Type = root.GetProperty("t").GetString(), Body = root };
-            if (root.TryGetProperty("id", out var id)) request.Id = id.GetInt64();
+            if (root.TryGetProperty("id", out var id) && id.ValueKind == JsonValueKind.Number) request.Id = id.GetInt64();
             return request;
         }
     }
