@@ -13,7 +13,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::{Config, Run, millis_since, read_properties};
 use psbridge::{Command, Runspace, RunspaceBuilder, RunspacePool, StreamItem};
@@ -68,8 +68,6 @@ fn builder(tenant: &Path) -> RunspaceBuilder {
                 .param("Organization", "contoso.onmicrosoft.com")
                 .param("ShowBanner", false),
         )
-        // Closing is not profiled (see bench_psbridge.rs on the exit request).
-        .shutdown_grace(Duration::from_secs(1))
 }
 
 async fn small(runspace: &mut Runspace, config: &Config) {

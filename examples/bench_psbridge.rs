@@ -13,7 +13,7 @@ mod common;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::{Config, Records, Run, millis_since, peak_megabytes, read_properties};
 use psbridge::{Command, InvocationResult, Runspace, RunspaceBuilder, RunspacePool, StreamItem};
@@ -30,10 +30,6 @@ fn workers() -> RunspaceBuilder {
                 .param("ShowBanner", false),
         )
         .disconnect(Command::new("Disconnect-ExchangeOnline").param("Confirm", false))
-        // Closing is not measured. At the time of writing the worker ignores the exit request (it
-        // cannot parse its `"id": null`), so close() waits out the whole grace period and then kills
-        // it; a short grace keeps that from adding 10 s per phase.
-        .shutdown_grace(Duration::from_secs(1))
 }
 
 fn get_mailbox(identity: &str) -> Command {

@@ -369,13 +369,7 @@ impl Runspace {
     /// Dropping the future stops the command in the worker (PowerShell's `Stop()`); the runspace stays
     /// usable and ignores whatever the stopped command still sends.
     pub async fn invoke(&mut self, command: &Command) -> Result<InvocationResult> {
-        let mut invocation = self.invoke_stream(command)?;
-        let mut result = InvocationResult::default();
-        while let Some(item) = invocation.next_item().await? {
-            result.push(item);
-        }
-        result.complete(invocation.completion().expect("a finished invocation has its completion"));
-        Ok(result)
+        collect(self.invoke_stream(command)?).await
     }
 
     /// Starts a command and returns its items one by one as the worker produces them.
@@ -738,7 +732,7 @@ async fn collect(mut invocation: Invocation<'_>) -> Result<InvocationResult> {
     while let Some(item) = invocation.next_item().await? {
         result.push(item);
     }
-    result.complete(invocation.completion().expect("finished"));
+    result.complete(invocation.completion().expect("a finished invocation has its completion"));
     Ok(result)
 }
 
