@@ -5,30 +5,17 @@
 //! `cargo bench --bench pool` (600 commands per point); `PSBRIDGE_BENCH_QUICK=1` (150 per point).
 //! Simulated module (scripts/sim) with EXO_SIM_LATENCY_MS = 0 and = 50.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use futures_util::future::join_all;
-use psbridge::{Command, Runspace, RunspaceBuilder, RunspacePool};
+use psbridge::{Command, Runspace, RunspacePool};
 
-fn workers(tenant: &Path, latency_ms: u32) -> RunspaceBuilder {
-    let sim = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join("sim");
-    Runspace::builder()
-        .module_path(sim)
-        .module("ExchangeOnlineManagement")
-        .env("EXO_SIM_TENANT", tenant)
-        .env("EXO_SIM_LATENCY_MS", latency_ms.to_string())
-        .connect(
-            Command::new("Connect-ExchangeOnline")
-                .param("ManagedIdentity", true)
-                .param("Organization", "contoso.onmicrosoft.com")
-                .param("ShowBanner", false),
-        )
-        .disconnect(Command::new("Disconnect-ExchangeOnline").param("Confirm", false))
-}
+mod common;
+use common::sim_workers;
 
 async fn throughput(tenant: &Path, latency_ms: u32, size: usize, commands: usize) -> f64 {
-    let pool = RunspacePool::builder(workers(tenant, latency_ms)).min_workers(size).max_workers(size).build().await.unwrap();
+    let pool = RunspacePool::builder(sim_workers(tenant, latency_ms)).min_workers(size).max_workers(size).build().await.unwrap();
     let get = |i: usize| Command::new("Get-Mailbox").param("Identity", format!("ContosoUser{}", i % 200 + 1));
     // warm-up: every worker runs a few commands first
     join_all((0..size * 10).map(|i| pool.invoke(get(i)))).await;
@@ -48,14 +35,14 @@ fn main() {
         let tenant = tempfile::tempdir().unwrap();
         // the first open seeds the tenant and compiles the worker host: keep it out of the timings
         Runspace::builder().open().await.unwrap().close().await.unwrap();
-        workers(tenant.path(), 0).open().await.unwrap().close().await.unwrap();
+        sim_workers(tenant.path(), 0).open().await.unwrap().close().await.unwrap();
 
         let started = Instant::now();
-        let one = workers(tenant.path(), 0).open().await.unwrap();
+        let one = sim_workers(tenant.path(), 0).open().await.unwrap();
         let one_open = started.elapsed();
         one.close().await.unwrap();
         let started = Instant::now();
-        let pool = RunspacePool::builder(workers(tenant.path(), 0)).min_workers(3).max_workers(3).build().await.unwrap();
+        let pool = RunspacePool::builder(sim_workers(tenant.path(), 0)).min_workers(3).max_workers(3).build().await.unwrap();
         let pool_open = started.elapsed();
         pool.close().await;
         println!(

@@ -6,36 +6,21 @@
 //! Uses the simulated ExchangeOnlineManagement module in scripts/sim with EXO_SIM_LATENCY_MS=0, so the
 //! numbers are the bridge's own cost.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use psbridge::{Command, Runspace, StreamItem};
+
+mod common;
+use common::{sim_modules, sim_workers};
 
 struct Sizes {
     calls: usize,
     mailboxes: usize,
 }
 
-fn sim_modules() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join("sim")
-}
-
 async fn open(tenant: &Path) -> Runspace {
-    Runspace::builder()
-        .module_path(sim_modules())
-        .module("ExchangeOnlineManagement")
-        .env("EXO_SIM_TENANT", tenant)
-        .env("EXO_SIM_LATENCY_MS", "0")
-        .connect(
-            Command::new("Connect-ExchangeOnline")
-                .param("ManagedIdentity", true)
-                .param("Organization", "contoso.onmicrosoft.com")
-                .param("ShowBanner", false),
-        )
-        .disconnect(Command::new("Disconnect-ExchangeOnline").param("Confirm", false))
-        .open()
-        .await
-        .expect("the simulated runspace opens")
+    sim_workers(tenant, 0).open().await.expect("the simulated runspace opens")
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
