@@ -189,6 +189,9 @@ pub struct InvocationResult {
     pub state: PipelineState,
     /// Time spent in the worker.
     pub duration: Duration,
+    /// How many times the command was run: 1 from a [`Runspace`](crate::Runspace); more when a
+    /// [`RunspacePool`](crate::RunspacePool) retried it (throttling, a dead worker).
+    pub attempts: u32,
 }
 
 impl InvocationResult {

@@ -728,7 +728,7 @@ impl Drop for Invocation<'_> {
 }
 
 async fn collect(mut invocation: Invocation<'_>) -> Result<InvocationResult> {
-    let mut result = InvocationResult::default();
+    let mut result = InvocationResult { attempts: 1, ..InvocationResult::default() };
     while let Some(item) = invocation.next_item().await? {
         result.push(item);
     }

@@ -354,8 +354,34 @@ impl RunspacePool {
     async fn invoke_inner(&self, command: Command, wait: bool) -> Result<InvocationResult> {
         let (tx, rx) = oneshot::channel();
         let started = self.shared.submit(command, Reply::Collect(tx), wait).await?;
-        self.shared.await_start(started).await?;
-        rx.await.map_err(|_| Error::PoolClosed)?
+        Pending { shared: self.shared.clone(), started, reply: rx }.result().await
+    }
+
+    /// Puts a command in the queue and returns once it is there, waiting for room when the queue is
+    /// full; [`Pending::result`] then waits for what it produced.
+    ///
+    /// Commands with the same [`key`](Command::key) run in the order they were submitted, so a caller
+    /// that must keep an order submits one command after the other and awaits the results anywhere
+    /// (another task, `join_all`), which [`invoke`](Self::invoke) from several tasks cannot promise.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: psbridge::RunspacePool) -> psbridge::Result<()> {
+    /// use psbridge::Command;
+    /// let office = |o: &str| Command::new("Set-Mailbox").param("Identity", "u1").param("Office", o).key("u1");
+    /// let first = pool.submit(office("A")).await?;
+    /// let second = pool.submit(office("B")).await?;
+    /// // The office ends as "B": the second never starts before the first is done.
+    /// let (a, b) = tokio::join!(tokio::spawn(first.result()), tokio::spawn(second.result()));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Dropping this future before it completes submits nothing; dropping the [`Pending`] takes the
+    /// command out of the queue, or stops it if it is running.
+    pub async fn submit(&self, command: Command) -> Result<Pending> {
+        let (tx, rx) = oneshot::channel();
+        let started = self.shared.submit(command, Reply::Collect(tx), true).await?;
+        Ok(Pending { shared: self.shared.clone(), started, reply: rx })
     }
 
     /// Runs a command on the next free worker and yields its items as they come.
@@ -449,6 +475,34 @@ impl PoolStream {
     /// How the command ended, once [`next_item`](Self::next_item) has returned `Ok(None)`.
     pub fn completion(&self) -> Option<Completion> {
         self.completion
+    }
+}
+
+/// A command in a pool's queue, from [`RunspacePool::submit`].
+///
+/// Dropping it takes the command out of the queue, or stops it if it is running.
+#[must_use = "dropping a Pending withdraws its command"]
+pub struct Pending {
+    shared: Arc<PoolShared>,
+    started: oneshot::Receiver<()>,
+    reply: oneshot::Receiver<Result<InvocationResult>>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").finish_non_exhaustive()
+    }
+}
+
+impl Pending {
+    /// Waits for a worker to take the command (within the pool's wait timeout) and for what it
+    /// produced, as [`RunspacePool::invoke`] does.
+    ///
+    /// # Cancel safety
+    /// Dropping the future withdraws the command, or stops it if it is running.
+    pub async fn result(self) -> Result<InvocationResult> {
+        self.shared.await_start(self.started).await?;
+        self.reply.await.map_err(|_| Error::PoolClosed)?
     }
 }
 

@@ -264,7 +264,7 @@ async fn run_collect(
                     }
                     continue;
                 }
-                _ => return Ok(result),
+                _ => return Ok(InvocationResult { attempts: attempt, ..result }),
             },
             Err(error) => {
                 let dead = drop_if_dead(slot, runspace);

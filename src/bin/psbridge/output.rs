@@ -11,20 +11,59 @@ use crate::run::Format;
 /// Most columns a table shows; the rest are named on stderr.
 const TABLE_COLUMNS: usize = 8;
 
-/// Writes output objects as they arrive (json and jsonl stream; a table needs them all first).
+/// The properties `--select` keeps, in the order asked.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    properties: Vec<String>,
+}
+
+impl Selection {
+    pub fn new(properties: &[String]) -> Self {
+        Selection { properties: properties.iter().map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect() }
+    }
+
+    /// The object with only the selected properties (matched case-insensitively, the object's spelling
+    /// kept; missing ones null). Values that are not objects pass unchanged.
+    pub fn apply(&self, value: Value) -> Value {
+        let Value::Object(mut map) = value else { return value };
+        if self.properties.is_empty() {
+            return Value::Object(map);
+        }
+        let mut kept = serde_json::Map::new();
+        for wanted in &self.properties {
+            let found = map.keys().find(|k| k.eq_ignore_ascii_case(wanted)).cloned();
+            match found {
+                Some(key) => {
+                    let value = map.remove(&key).unwrap_or(Value::Null);
+                    kept.insert(key, value);
+                }
+                None => {
+                    kept.insert(wanted.clone(), Value::Null);
+                }
+            }
+        }
+        Value::Object(kept)
+    }
+}
+
+/// Writes output objects as they arrive (json, jsonl and csv stream; a table needs them all first).
 pub struct OutputWriter<W: Write> {
     out: W,
     format: Format,
+    selection: Selection,
     written: usize,
     table_rows: Vec<Value>,
+    csv_columns: Vec<String>,
+    csv_dropped: Vec<String>,
 }
 
 impl<W: Write> OutputWriter<W> {
-    pub fn new(out: W, format: Format) -> Self {
-        OutputWriter { out, format, written: 0, table_rows: Vec::new() }
+    pub fn new(out: W, format: Format, selection: Selection) -> Self {
+        OutputWriter { out, format, selection, written: 0, table_rows: Vec::new(), csv_columns: Vec::new(), csv_dropped: Vec::new() }
     }
 
     pub fn write(&mut self, object: PsObject) -> io::Result<()> {
+        let object = PsObject { value: self.selection.apply(object.value), ..object };
         match self.format {
             Format::Json => {
                 let separator = if self.written == 0 { "[\n" } else { ",\n" };
@@ -36,9 +75,35 @@ impl<W: Write> OutputWriter<W> {
                 self.out.write_all(b"\n")?;
             }
             Format::Table => self.table_rows.push(object.value),
+            Format::Csv => self.write_csv(&object.value)?,
         }
         self.written += 1;
         Ok(())
+    }
+
+    /// One CSV row; the header comes from the first object, as with Export-Csv.
+    fn write_csv(&mut self, value: &Value) -> io::Result<()> {
+        let mut csv = csv::WriterBuilder::new().has_headers(false).from_writer(&mut self.out);
+        if self.written == 0 {
+            self.csv_columns = match value {
+                Value::Object(map) => map.keys().cloned().collect(),
+                _ => vec!["Value".to_owned()],
+            };
+            csv.write_record(&self.csv_columns)?;
+        }
+        let row: Vec<String> = match value {
+            Value::Object(map) => {
+                for key in map.keys() {
+                    if !self.csv_columns.contains(key) && !self.csv_dropped.contains(key) {
+                        self.csv_dropped.push(key.clone());
+                    }
+                }
+                self.csv_columns.iter().map(|c| csv_cell(map.get(c).unwrap_or(&Value::Null))).collect()
+            }
+            other => vec![csv_cell(other)],
+        };
+        csv.write_record(&row)?;
+        csv.flush()
     }
 
     /// Closes the JSON array or prints the table.
@@ -48,6 +113,15 @@ impl<W: Write> OutputWriter<W> {
             Format::Json => writeln!(self.out, "\n]"),
             Format::Jsonl => Ok(()),
             Format::Table => print_table(&mut self.out, &std::mem::take(&mut self.table_rows)),
+            Format::Csv => {
+                if !self.csv_dropped.is_empty() {
+                    eprintln!(
+                        "(properties absent from the first object are not in the CSV: {}; use --select to choose the columns)",
+                        self.csv_dropped.join(", ")
+                    );
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -82,6 +156,7 @@ fn print_table(out: &mut impl Write, rows: &[Value]) -> io::Result<()> {
     Ok(())
 }
 
+/// A table cell, as PowerShell shows one: arrays in braces.
 fn cell(value: &Value) -> String {
     match value {
         Value::Null => String::new(),
@@ -91,13 +166,26 @@ fn cell(value: &Value) -> String {
     }
 }
 
+/// A CSV cell: strings as they are, null empty, arrays and objects as JSON (so nothing is lost).
+fn csv_cell(value: &Value) -> String {
+    match value {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// Collects every stream for `--envelope`.
-#[derive(Default)]
 pub struct Envelope {
     result: psbridge::InvocationResult,
+    selection: Selection,
 }
 
 impl Envelope {
+    pub fn new(selection: Selection) -> Self {
+        Envelope { result: psbridge::InvocationResult::default(), selection }
+    }
+
     pub fn push(&mut self, item: StreamItem) {
         self.result.push(item);
     }
@@ -106,7 +194,7 @@ impl Envelope {
         let r = &mut self.result;
         r.complete(completion);
         let envelope = json!({
-            "output": r.output.iter().map(|o| &o.value).collect::<Vec<_>>(),
+            "output": r.output.iter().map(|o| self.selection.apply(o.value.clone())).collect::<Vec<_>>(),
             "errors": r.errors,
             "warnings": r.warnings,
             "verbose": r.verbose,

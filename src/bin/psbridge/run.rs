@@ -8,14 +8,20 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use psbridge::{Command, Runspace, RunspaceBuilder, StreamItem};
 
-use crate::output::{self, Envelope, OutputWriter};
-use crate::simulated;
-use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE};
+use crate::config::SIMULATED;
+use crate::output::{self, Envelope, OutputWriter, Selection};
+use crate::secret::SecretReader;
+use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Globals};
 
-/// Run one command (or script) and print what it returns.
+/// Run one command (or script) through one worker and print what it returns.
+///
+/// The worker is started and connected as the profile says, runs the command with its parameters bound
+/// by name, and is disconnected. Output objects go to stdout; warnings, verbose, information and error
+/// records to stderr (or all of them into one JSON object with --envelope).
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     psbridge run --simulated Get-Mailbox --params '{\"Identity\": \"ContosoUser1\"}'\n  \
+    psbridge run --profile contoso Get-Mailbox --params '{\"ResultSize\": 50}' --select Alias,Department --format csv > mailboxes.csv\n  \
     psbridge run --simulated Get-Mailbox --params '{\"ResultSize\": 5}' --format table\n  \
     psbridge run --simulated Set-Mailbox --params '{\"Identity\": \"ContosoUser1\", \"Department\": \"Sales\", \"WhatIf\": true}' --envelope\n  \
     psbridge run --script 'param($Name) \"Hello, $Name\"' --params '{\"Name\": \"world\"}'\n  \
@@ -33,8 +39,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "JSON", default_value = "{}")]
     params: String,
 
-    /// Use the bundled simulated ExchangeOnlineManagement module and sample tenant (no credentials).
-    /// The tenant lives in the per-user data folder, or in EXO_SIM_TENANT when set.
+    /// Short for --profile simulated: the bundled simulated ExchangeOnlineManagement module and sample
+    /// tenant (no credentials). The tenant lives in the per-user data folder, or in EXO_SIM_TENANT.
     #[arg(long)]
     simulated: bool,
 
@@ -42,12 +48,18 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Format::Json)]
     format: Format,
 
+    /// Keep only these properties of each output object, in this order (case-insensitive, as
+    /// Select-Object; a property an object lacks is null).
+    #[arg(long, value_name = "PROP,...", value_delimiter = ',')]
+    select: Vec<String>,
+
     /// Print one JSON object with every stream (output, errors, warnings, verbose, debug, information,
     /// progress) and had_errors, instead of the output alone.
     #[arg(long)]
     envelope: bool,
 
-    /// Stop the command after this many seconds (the worker is killed if it does not stop).
+    /// Stop the command after this many seconds (the worker is killed if it does not stop)
+    /// [default: the profile's command_timeout_secs, else no limit].
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
 
@@ -73,9 +85,21 @@ pub enum Format {
     Jsonl,
     /// A readable table.
     Table,
+    /// CSV with a header row (columns from --select, else the first object's properties; nested values
+    /// as JSON).
+    Csv,
 }
 
-pub async fn run(args: RunArgs) -> u8 {
+pub async fn run(args: RunArgs, mut globals: Globals) -> u8 {
+    if args.simulated {
+        match globals.profile.as_deref() {
+            Some(other) if other != SIMULATED => {
+                eprintln!("psbridge: --simulated is short for --profile {SIMULATED}; it cannot be combined with --profile {other}");
+                return EXIT_USAGE;
+            }
+            _ => globals.profile = Some(SIMULATED.to_owned()),
+        }
+    }
     let command = match command_from(&args) {
         Ok(command) => command,
         Err(error) => {
@@ -83,12 +107,9 @@ pub async fn run(args: RunArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let builder = match builder_from(&args) {
+    let builder = match builder_from(&args, &globals) {
         Ok(builder) => builder,
-        Err(error) => {
-            eprintln!("psbridge: {error:#}");
-            return EXIT_BRIDGE;
-        }
+        Err(code) => return code,
     };
     let mut runspace = match builder.open().await {
         Ok(runspace) => runspace,
@@ -132,8 +153,12 @@ fn command_from(args: &RunArgs) -> anyhow::Result<Command> {
     Ok(command)
 }
 
-fn builder_from(args: &RunArgs) -> anyhow::Result<RunspaceBuilder> {
-    let mut builder = if args.simulated { simulated::builder()? } else { Runspace::builder() };
+fn builder_from(args: &RunArgs, globals: &Globals) -> Result<RunspaceBuilder, u8> {
+    let (_, profile) = globals.profile()?;
+    let mut builder = profile.builder(&mut SecretReader::default()).map_err(|error| {
+        eprintln!("psbridge: {error}");
+        EXIT_USAGE
+    })?;
     if let Some(pwsh) = &args.pwsh {
         builder = builder.pwsh(pwsh);
     }
@@ -148,8 +173,9 @@ fn builder_from(args: &RunArgs) -> anyhow::Result<RunspaceBuilder> {
 
 async fn execute(runspace: &mut Runspace, command: &Command, args: &RunArgs) -> u8 {
     let stdout = std::io::stdout();
-    let mut writer = OutputWriter::new(stdout.lock(), args.format);
-    let mut envelope = Envelope::default();
+    let selection = Selection::new(&args.select);
+    let mut writer = OutputWriter::new(stdout.lock(), args.format, selection.clone());
+    let mut envelope = Envelope::new(selection);
     let mut stream = match runspace.invoke_stream(command) {
         Ok(stream) => stream,
         Err(error) => {

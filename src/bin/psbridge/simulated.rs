@@ -1,12 +1,14 @@
 //! `--simulated`: the bundled simulated ExchangeOnlineManagement module and its sample tenant.
 //!
-//! This lives in the binary only. The library knows nothing of the simulation: `--simulated` is just a
-//! runspace builder with a module path, a module and a connect command, as a real profile would be.
+//! This lives in the binary only. The library knows nothing of the simulation: the built-in `simulated`
+//! profile is a module path, a module and a connect command, as a profile in the configuration file is.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use psbridge::{Command, Runspace, RunspaceBuilder};
+use serde_json::json;
+
+use crate::config::{CommandSpec, ModuleEntry, ProfileSpec};
 
 /// The module's files (path below the module folder, content), embedded so that the binary works
 /// wherever it is installed. build.rs lists them.
@@ -15,8 +17,9 @@ const MODULE_FILES: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/sim_mo
 /// The simulated tenant's organization.
 const ORGANIZATION: &str = "contoso.onmicrosoft.com";
 
-/// A runspace builder connected to the simulated tenant with a managed identity (no credentials).
-pub fn builder() -> anyhow::Result<RunspaceBuilder> {
+/// The built-in `simulated` profile: the embedded module, connected to the sample tenant with a managed
+/// identity (no credentials).
+pub fn profile() -> anyhow::Result<ProfileSpec> {
     let data = dirs::data_dir()
         .context("no per-user data folder on this system (set HOME or XDG_DATA_HOME)")?
         .join("psbridge");
@@ -25,17 +28,22 @@ pub fn builder() -> anyhow::Result<RunspaceBuilder> {
         Some(tenant) => PathBuf::from(tenant),
         None => data.join("sim-tenant"),
     };
-    Ok(Runspace::builder()
-        .module_path(modules)
-        .module("ExchangeOnlineManagement")
-        .env("EXO_SIM_TENANT", tenant)
-        .connect(
-            Command::new("Connect-ExchangeOnline")
-                .param("ManagedIdentity", true)
-                .param("Organization", ORGANIZATION)
-                .param("ShowBanner", false),
-        )
-        .disconnect(Command::new("Disconnect-ExchangeOnline").param("Confirm", false)))
+    let command = |name: &str, parameters: serde_json::Value| CommandSpec {
+        command: name.to_owned(),
+        parameters: parameters.as_object().cloned().unwrap_or_default(),
+        secrets: Default::default(),
+    };
+    Ok(ProfileSpec {
+        module_path: vec![modules],
+        modules: vec![ModuleEntry::Name("ExchangeOnlineManagement".to_owned())],
+        env: [("EXO_SIM_TENANT".to_owned(), tenant.to_string_lossy().into_owned())].into(),
+        connect: Some(command(
+            "Connect-ExchangeOnline",
+            json!({ "ManagedIdentity": true, "Organization": ORGANIZATION, "ShowBanner": false }),
+        )),
+        disconnect: Some(command("Disconnect-ExchangeOnline", json!({ "Confirm": false }))),
+        ..ProfileSpec::default()
+    })
 }
 
 /// Writes the module under `root/<content hash>/ExchangeOnlineManagement` unless it is there already, and

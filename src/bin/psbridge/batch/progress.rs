@@ -1,0 +1,127 @@
+//! Batch progress on stderr: a bar with rate and ETA on a terminal, a plain line every few seconds
+//! otherwise (CI logs), nothing with `--quiet`.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Counts of a batch so far.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub succeeded: usize,
+    pub failed: usize,
+    /// Bad input lines (also counted in `failed`).
+    pub invalid: usize,
+    /// Finished in an earlier run, not run again.
+    pub skipped: usize,
+    /// Run more than once (throttling, a dead worker, or in flight when an earlier run died).
+    pub retried: usize,
+    pub cancelled: usize,
+    pub not_run: usize,
+}
+
+impl Tally {
+    pub fn done(&self) -> usize {
+        self.succeeded + self.failed + self.skipped
+    }
+}
+
+enum Display {
+    Bar(ProgressBar),
+    Lines { every: Duration, last: Instant },
+    Quiet,
+}
+
+/// Shows how a batch is going.
+pub struct Progress {
+    display: Display,
+    total: usize,
+    started: Instant,
+    /// Items done before this run's own work began (skipped, invalid): not part of the rate.
+    baseline: usize,
+}
+
+impl Progress {
+    /// A bar when stderr is a terminal, else a line every `every`; nothing when `quiet`.
+    pub fn new(total: usize, quiet: bool, every: Duration) -> Progress {
+        let display = if quiet {
+            Display::Quiet
+        } else if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} items  {per_sec}  ETA {eta}  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("█▉▊▋▌▍▎▏ ");
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            Display::Bar(bar)
+        } else {
+            Display::Lines { every, last: Instant::now() }
+        };
+        Progress { display, total, started: Instant::now(), baseline: 0 }
+    }
+
+    /// Marks the start of this run's own work, with `tally` already done.
+    pub fn begin(&mut self, tally: &Tally) {
+        self.baseline = tally.done();
+        self.started = Instant::now();
+        if let Display::Bar(bar) = &self.display {
+            bar.set_position(tally.done() as u64);
+            bar.reset_eta();
+        }
+    }
+
+    /// Updates the display after an item finished.
+    pub fn update(&mut self, tally: &Tally) {
+        match &mut self.display {
+            Display::Bar(bar) => {
+                bar.set_position(tally.done() as u64);
+                bar.set_message(format!("{} ok, {} failed", tally.succeeded, tally.failed));
+            }
+            Display::Lines { every, last } if last.elapsed() >= *every => {
+                *last = Instant::now();
+                eprintln!("{}", self.line(tally));
+            }
+            _ => {}
+        }
+    }
+
+    /// Prints a message without tearing the bar.
+    pub fn note(&self, message: &str) {
+        match &self.display {
+            Display::Bar(bar) => bar.suspend(|| eprintln!("{message}")),
+            Display::Lines { .. } => eprintln!("{message}"),
+            Display::Quiet => {}
+        }
+    }
+
+    /// Clears the bar.
+    pub fn finish(&self) {
+        if let Display::Bar(bar) = &self.display {
+            bar.finish_and_clear();
+        }
+    }
+
+    /// Items per second of this run.
+    pub fn rate(&self, tally: &Tally) -> f64 {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        if elapsed > 0.0 { tally.done().saturating_sub(self.baseline) as f64 / elapsed } else { 0.0 }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn line(&self, tally: &Tally) -> String {
+        let rate = self.rate(tally);
+        let left = self.total.saturating_sub(tally.done());
+        let eta = if rate > 0.0 { format!("{:.0} s", left as f64 / rate) } else { "unknown".to_owned() };
+        format!(
+            "psbridge batch: {}/{} done ({} succeeded, {} failed), {rate:.1} items/s, ETA {eta}",
+            tally.done(),
+            self.total,
+            tally.succeeded,
+            tally.failed
+        )
+    }
+}

@@ -1,0 +1,335 @@
+//! The configuration file: named profiles, each saying how to start and connect a worker.
+//!
+//! ```toml
+//! default_profile = "contoso"
+//!
+//! [profiles.contoso]
+//! modules = ["ExchangeOnlineManagement"]
+//! workers = 3
+//!
+//! [profiles.contoso.connect]
+//! command = "Connect-ExchangeOnline"
+//! parameters = { AppId = "…", Organization = "contoso.onmicrosoft.com", CertificateFilePath = "/secure/exo.pfx" }
+//! secrets.CertificatePassword = { env = "EXO_CERT_PASSWORD" }
+//! ```
+//!
+//! Secrets are never in the file: each names its source (see [`SecretSpec`]). Every error names the file,
+//! the line and the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use toml::Spanned;
+
+/// The environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "PSBRIDGE_CONFIG";
+/// The environment variable naming the profile.
+pub const PROFILE_ENV: &str = "PSBRIDGE_PROFILE";
+/// The built-in profile: the bundled simulated module and sample tenant.
+pub const SIMULATED: &str = "simulated";
+
+/// A whole configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The profile used when neither `--profile` nor PSBRIDGE_PROFILE names one.
+    pub default_profile: Option<String>,
+    /// Profiles by name.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Spanned<ProfileSpec>>,
+}
+
+/// One profile. Every field is optional; defaults are those of `RunspaceBuilder` and `RunspacePool`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSpec {
+    /// The pwsh executable (default: PSBRIDGE_PWSH, else pwsh on PATH).
+    pub pwsh: Option<PathBuf>,
+    /// Folders put in front of PSModulePath.
+    #[serde(default)]
+    pub module_path: Vec<PathBuf>,
+    /// Modules imported in every worker: a name, or `{ name, minimum_version }`.
+    #[serde(default)]
+    pub modules: Vec<ModuleEntry>,
+    /// The session's execution policy (`RemoteSigned`, `Bypass`, ...).
+    pub execution_policy: Option<String>,
+    /// Extra environment variables for the workers (not for secrets: those go in `connect.secrets`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Workers of `psbridge batch` (default 3; `--workers` overrides).
+    pub workers: Option<usize>,
+    /// Seconds a command may run before it is stopped (default: no limit; `--timeout` overrides).
+    pub command_timeout_secs: Option<f64>,
+    /// Seconds pwsh may take to start and import the modules (default 60).
+    pub start_timeout_secs: Option<f64>,
+    /// Seconds the connect command may take (default 180).
+    pub connect_timeout_secs: Option<f64>,
+    /// Run once after the modules are imported, with its secrets from their sources.
+    pub connect: Option<CommandSpec>,
+    /// Run when a worker closes.
+    pub disconnect: Option<CommandSpec>,
+    /// The cheap command `psbridge doctor` runs after connecting (default for ExchangeOnlineManagement:
+    /// `Get-EXOMailbox -ResultSize 1`).
+    pub check: Option<CommandSpec>,
+    /// How the pool retries throttled commands.
+    pub retry: Option<RetrySpec>,
+}
+
+/// A module to import.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ModuleEntry {
+    /// Just the name.
+    Name(String),
+    /// A name and the lowest version accepted.
+    Versioned {
+        /// Module name or path.
+        name: String,
+        /// Lowest version accepted, such as `3.4.0`.
+        minimum_version: String,
+    },
+}
+
+impl ModuleEntry {
+    pub fn name(&self) -> &str {
+        match self {
+            ModuleEntry::Name(name) | ModuleEntry::Versioned { name, .. } => name,
+        }
+    }
+
+    pub fn minimum_version(&self) -> Option<&str> {
+        match self {
+            ModuleEntry::Name(_) => None,
+            ModuleEntry::Versioned { minimum_version, .. } => Some(minimum_version),
+        }
+    }
+}
+
+/// A command with parameters bound by name; secret parameters come from their sources.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    /// The command name.
+    pub command: String,
+    /// Parameters bound by name (`true` for a switch).
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+    /// Secret parameters, by name: where each value comes from.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, Spanned<SecretSpec>>,
+}
+
+/// Where one secret comes from: exactly one of `env`, `file` or `stdin`.
+///
+/// `as = "securestring"` (the default) hands it to PowerShell as a SecureString, for parameters such as
+/// CertificatePassword; `as = "string"` as a plain string, for parameters such as AccessToken.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSpec {
+    /// An environment variable holding the secret.
+    pub env: Option<String>,
+    /// A file holding the secret (its last line break is dropped); refused when others may read it.
+    pub file: Option<PathBuf>,
+    /// `true`: read the secret from standard input (one line; not echoed on a terminal).
+    pub stdin: Option<bool>,
+    /// `securestring` (default) or `string`.
+    #[serde(rename = "as", default)]
+    pub kind: SecretKind,
+}
+
+/// How a secret is handed to PowerShell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretKind {
+    /// A SecureString.
+    #[default]
+    SecureString,
+    /// A plain string.
+    String,
+}
+
+/// Retry policy of the pool (`RetryPolicy`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts in all, the first included (default 6).
+    pub max_attempts: Option<u32>,
+    /// First backoff in milliseconds, doubling after (default 1000).
+    pub base_delay_ms: Option<u64>,
+    /// Longest wait in milliseconds, also capping a delay the server asks for (default 60000).
+    pub max_delay_ms: Option<u64>,
+    /// Whether throttled and transient failures are retried (default true).
+    pub retry_transient: Option<bool>,
+}
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{}, line {line}: {message}", path.display())]
+    Invalid { path: PathBuf, line: usize, message: String },
+}
+
+/// A configuration file, where it came from and its text (for line numbers).
+#[derive(Debug, Default)]
+pub struct Config {
+    /// The file read, if any.
+    pub path: Option<PathBuf>,
+    text: String,
+    pub file: ConfigFile,
+}
+
+impl Config {
+    /// Reads the file given by `--config`/PSBRIDGE_CONFIG (which must exist), else the default one in
+    /// the user's config folder if it exists, else an empty configuration.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, required) = match explicit {
+            Some(path) => (path.to_path_buf(), true),
+            None => match default_path() {
+                Some(path) => (path, false),
+                None => return Ok(Config::default()),
+            },
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if !required && error.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let file: ConfigFile = toml::from_str(&text).map_err(|error| ConfigError::Parse { path: path.clone(), message: error.to_string() })?;
+        let config = Config { path: Some(path), text, file };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, profile) in &self.file.profiles {
+            if name == SIMULATED {
+                return Err(self.invalid(profile.span(), format!("the profile name `{SIMULATED}` is built in; choose another name")));
+            }
+            let commands = [("connect", &profile.get_ref().connect), ("disconnect", &profile.get_ref().disconnect), ("check", &profile.get_ref().check)];
+            for (what, spec) in commands {
+                let Some(spec) = spec else { continue };
+                for (param, secret) in &spec.secrets {
+                    let sources = [secret.get_ref().env.is_some(), secret.get_ref().file.is_some(), secret.get_ref().stdin == Some(true)];
+                    if sources.iter().filter(|s| **s).count() != 1 {
+                        return Err(self.invalid(
+                            secret.span(),
+                            format!(
+                                "profiles.{name}.{what}.secrets.{param}: give exactly one source: \
+                                 {{ env = \"VARIABLE\" }}, {{ file = \"/path\" }} or {{ stdin = true }}"
+                            ),
+                        ));
+                    }
+                    if spec.parameters.contains_key(param) {
+                        return Err(self.invalid(
+                            secret.span(),
+                            format!("profiles.{name}.{what}: {param} is both a parameter and a secret; keep it only under secrets"),
+                        ));
+                    }
+                }
+            }
+            if profile.get_ref().workers == Some(0) {
+                return Err(self.invalid(profile.span(), format!("profiles.{name}.workers must be at least 1")));
+            }
+        }
+        if let Some(default) = &self.file.default_profile
+            && default != SIMULATED
+            && !self.file.profiles.contains_key(default)
+        {
+            return Err(ConfigError::Invalid {
+                path: self.path.clone().unwrap_or_default(),
+                line: self.line_of("default_profile"),
+                message: format!("default_profile names `{default}`, which is not defined; profiles: {}", self.profile_names()),
+            });
+        }
+        Ok(())
+    }
+
+    fn invalid(&self, span: std::ops::Range<usize>, message: String) -> ConfigError {
+        let line = self.text[..span.start.min(self.text.len())].matches('\n').count() + 1;
+        ConfigError::Invalid { path: self.path.clone().unwrap_or_default(), line, message }
+    }
+
+    fn line_of(&self, key: &str) -> usize {
+        self.text.lines().position(|l| l.trim_start().starts_with(key)).map_or(1, |i| i + 1)
+    }
+
+    /// The names of every profile, the built-in one included.
+    pub fn profile_names(&self) -> String {
+        std::iter::once(SIMULATED).chain(self.file.profiles.keys().map(String::as_str)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The name of the profile to use: the one asked for, else the file's default, else none.
+    pub fn chosen<'a>(&'a self, asked: Option<&'a str>) -> Option<&'a str> {
+        asked.or(self.file.default_profile.as_deref())
+    }
+
+    /// The line where a profile starts (for messages).
+    pub fn profile_line(&self, name: &str) -> Option<usize> {
+        let span = self.file.profiles.get(name)?.span();
+        Some(self.text[..span.start.min(self.text.len())].matches('\n').count() + 1)
+    }
+}
+
+/// `<config folder>/psbridge/config.toml`.
+pub fn default_path() -> Option<PathBuf> {
+    dirs::config_dir().map(|dir| dir.join("psbridge").join("config.toml"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path))
+    }
+
+    #[test]
+    fn a_full_profile_parses() {
+        let config = parse(
+            r#"
+default_profile = "prod"
+[profiles.prod]
+modules = ["ExchangeOnlineManagement", { name = "Other", minimum_version = "1.2" }]
+workers = 4
+[profiles.prod.connect]
+command = "Connect-ExchangeOnline"
+parameters = { AppId = "a", ShowBanner = false }
+secrets.CertificatePassword = { env = "PW" }
+secrets.AccessToken = { file = "/x", as = "string" }
+[profiles.prod.retry]
+max_attempts = 3
+"#,
+        )
+        .unwrap();
+        let prod = config.file.profiles["prod"].get_ref();
+        assert_eq!(prod.modules[1].minimum_version(), Some("1.2"));
+        let connect = prod.connect.as_ref().unwrap();
+        assert_eq!(connect.secrets["AccessToken"].get_ref().kind, SecretKind::String);
+        assert_eq!(config.chosen(None), Some("prod"));
+    }
+
+    #[test]
+    fn errors_name_the_line_and_key() {
+        let error = parse("[profiles.a]\nworkers = 2\nwokers = 3\n").unwrap_err().to_string();
+        assert!(error.contains("line 3") && error.contains("wokers"), "{error}");
+        let error = parse("[profiles.a.connect]\ncommand = \"C\"\nsecrets.Pw = { env = \"X\", file = \"/y\" }\n").unwrap_err().to_string();
+        assert!(error.contains("line 3") && error.contains("exactly one source"), "{error}");
+        let error = parse("[profiles.simulated]\n").unwrap_err().to_string();
+        assert!(error.contains("built in"), "{error}");
+        let error = parse("default_profile = \"nope\"\n").unwrap_err().to_string();
+        assert!(error.contains("line 1") && error.contains("nope"), "{error}");
+    }
+}
