@@ -1,0 +1,242 @@
+//! `psbridge batch` against the simulated tenant: one result per item whatever happens, resumption after a
+//! SIGKILL without repeating finished work, bad lines reported by number, same-key order, Ctrl-C.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::cli::{CliEnv, jsonl, read, text};
+use serde_json::{Value, json};
+
+/// Writes JSONL items to `name` and returns its path as a string.
+fn write_items(env: &CliEnv, name: &str, items: &[Value]) -> String {
+    let path = env.path(name);
+    let body: String = items.iter().map(|i| format!("{i}\n")).collect();
+    std::fs::write(&path, body).unwrap();
+    path.display().to_string()
+}
+
+fn new_mailbox(name: &str) -> Value {
+    json!({ "command": "New-Mailbox", "parameters": { "Name": name }, "id": name })
+}
+
+/// Result records by input line; panics when a line has two results.
+fn by_line(results: &[Value]) -> BTreeMap<u64, &Value> {
+    let mut lines = BTreeMap::new();
+    for r in results {
+        let line = r["line"].as_u64().expect("every result has its line");
+        assert!(lines.insert(line, r).is_none(), "line {line} has two results");
+    }
+    lines
+}
+
+fn finished_in_journal(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).map(|t| t.lines().filter(|l| l.starts_with("{\"finish\"")).count()).unwrap_or(0)
+}
+
+#[test]
+fn two_thousand_items_with_crashes_and_throttling_each_get_exactly_one_result() {
+    let env = CliEnv::new("");
+    let mut items: Vec<Value> = (0..2000).map(|i| new_mailbox(&format!("Bulk{i:04}"))).collect();
+    // Looking up CrashMe kills the worker mid-command; Set-Mailbox is not idempotent, so it is not retried.
+    for at in [500, 1000, 1500] {
+        items.insert(at, json!({ "command": "Set-Mailbox", "parameters": { "Identity": "CrashMe", "Office": "X" } }));
+    }
+    let input = write_items(&env, "items.jsonl", &items);
+    let output = env.path("results.jsonl");
+    let run = env
+        .psbridge()
+        .args(["batch", &input, "--workers", "3", "--output", output.to_str().unwrap(), "--progress-interval", "2"])
+        .env("EXO_SIM_CRASH_ON", "CrashMe")
+        .env("EXO_SIM_THROTTLE_RATE", "0.05")
+        .output()
+        .unwrap();
+    let stderr = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "some items failed: {stderr}");
+    let results = jsonl(&read(&output));
+    let lines = by_line(&results);
+    assert_eq!(lines.keys().copied().collect::<Vec<_>>(), (1..=2003).collect::<Vec<_>>(), "one result per input line");
+    let failed: Vec<&&Value> = lines.values().filter(|r| r["status"] != "succeeded").collect();
+    assert_eq!(failed.len(), 3, "only the crashing items fail: {failed:?}");
+    for r in &failed {
+        assert_eq!(r["command"], "Set-Mailbox");
+        assert!(r["error"].as_str().unwrap().contains("worker exited"), "{r}");
+    }
+    assert!(results.iter().any(|r| r["attempts"].as_u64().unwrap() > 1), "throttled items were retried");
+    assert!(results.iter().all(|r| r.get("resumed_in_flight").is_none()));
+    // Every mailbox was created exactly once (a repeat would have failed as a duplicate).
+    let names: Vec<String> = env.mailbox_names().into_iter().filter(|n| n.starts_with("Bulk")).collect();
+    assert_eq!(names.len(), 2000);
+    assert_eq!(names.iter().collect::<BTreeSet<_>>().len(), 2000);
+    assert!(stderr.contains("2000 succeeded, 3 failed") && stderr.contains("retried"), "{stderr}");
+    assert!(stderr.contains("psbridge batch:") && stderr.contains("items/s"), "plain progress lines off a terminal: {stderr}");
+}
+
+#[test]
+fn a_batch_killed_part_way_resumes_and_creates_every_mailbox_exactly_once() {
+    let env = CliEnv::new("");
+    let items: Vec<Value> = (0..240).map(|i| new_mailbox(&format!("Kill{i:03}"))).collect();
+    let input = write_items(&env, "items.jsonl", &items);
+    let output = env.path("results.jsonl");
+    let journal = env.path("results.jsonl.journal");
+    let args = ["batch", input.as_str(), "--workers", "3", "--output", output.to_str().unwrap(), "--quiet"];
+
+    let mut first = env.psbridge().args(args).env("EXO_SIM_LATENCY_MS", "40").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while finished_in_journal(&journal) < 60 {
+        assert!(Instant::now() < deadline, "the first run never got going");
+        assert!(first.try_wait().unwrap().is_none(), "the first run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill().unwrap(); // SIGKILL: no clean-up at all
+    first.wait().unwrap();
+    assert!(!output.exists(), "no half-written output file");
+    let done_before = finished_in_journal(&journal);
+    assert!(done_before < 240, "killed part-way");
+
+    let second = env.psbridge().args(args).output().unwrap();
+    let stderr = text(&second.stderr);
+    let results = jsonl(&read(&output));
+    let lines = by_line(&results);
+    assert_eq!(lines.len(), 240, "one result per item: {stderr}");
+    let previous = results.iter().filter(|r| r["previous_run"] == true).count();
+    assert!(previous >= done_before.min(60), "finished items were not run again ({previous} of {done_before})");
+    for r in &results {
+        if r["status"] != "succeeded" {
+            // Only an item that was in flight at the kill may find its mailbox already there.
+            assert_eq!(r["resumed_in_flight"], true, "{r}");
+            assert!(r["errors"][0]["message"].as_str().unwrap().contains("is being used by another recipient"), "{r}");
+        }
+        if r["resumed_in_flight"] == true {
+            assert!(r["attempts"].as_u64().unwrap() >= 2, "attempts count both runs: {r}");
+        }
+    }
+    assert!(results.iter().any(|r| r["resumed_in_flight"] == true), "the kill caught items in flight");
+    let names: Vec<String> = env.mailbox_names().into_iter().filter(|n| n.starts_with("Kill")).collect();
+    assert_eq!(names.len(), 240, "every mailbox exists");
+    assert_eq!(names.iter().collect::<BTreeSet<_>>().len(), 240, "and exactly once");
+}
+
+#[test]
+fn malformed_lines_are_reported_by_number_and_the_rest_still_run() {
+    let env = CliEnv::new("");
+    let input = env.path("mixed.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            "{\"command\": \"Get-Mailbox\", \"parameters\": {\"Identity\": \"ContosoUser1\"}, \"id\": \"a\"}\n",
+            "{\"command\": \"Get-Mailbox\", \"parameters\": {\"Identity\": \n",
+            "{\"parameters\": {\"Identity\": \"ContosoUser2\"}}\n",
+            "{\"command\": \"Get-Mailbox\", \"parameters\": [\"ContosoUser3\"]}\n",
+            "\n",
+            "{\"command\": \"Get-Mailbox\", \"parameters\": {\"Identity; Remove-Item\": \"x\"}}\n",
+            "{\"command\": \"Get-Mailbox\", \"parameters\": {\"Identity\": \"nobody-here\"}}\n",
+            "{\"command\": \"Get-Mailbox\", \"parameters\": {\"Identity\": \"ContosoUser4\"}, \"id\": 7}\n",
+        ),
+    )
+    .unwrap();
+    let run = env.run(&["batch", input.to_str().unwrap(), "--quiet"]);
+    assert_eq!(run.status.code(), Some(1));
+    let results = jsonl(&text(&run.stdout));
+    let lines = by_line(&results);
+    assert_eq!(lines.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4, 6, 7, 8]);
+    for (line, wanted) in [(2, "not valid JSON"), (3, "`command` is missing"), (4, "must be an object"), (6, "is not valid")] {
+        let r = lines[&line];
+        assert_eq!(r["status"], "invalid", "{r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(error.starts_with(&format!("line {line}: ")) && error.contains(wanted), "{error}");
+    }
+    assert_eq!((lines[&1]["status"].as_str(), lines[&1]["id"].as_str()), (Some("succeeded"), Some("a")));
+    assert_eq!(lines[&1]["output"][0]["Alias"], "ContosoUser1");
+    assert_eq!((lines[&8]["status"].as_str(), lines[&8]["id"].as_u64()), (Some("succeeded"), Some(7)));
+    let missing = lines[&7];
+    assert_eq!(missing["status"], "failed");
+    assert!(missing["errors"][0]["message"].as_str().unwrap().contains("couldn't be found"), "{missing}");
+}
+
+#[test]
+fn csv_rows_run_one_command_and_same_key_rows_keep_their_order() {
+    let env = CliEnv::new("");
+    let input = env.path("offices.csv");
+    // Three changes to each of three mailboxes, interleaved; with the key, the last one must win.
+    let mut rows = String::from("Identity,Office,Department\n");
+    for round in 1..=3 {
+        for user in 1..=3 {
+            rows += &format!("ContosoUser{user},Office {round},Dept {user}\n");
+        }
+    }
+    rows += "ContosoUser9,Lonely\n";
+    std::fs::write(&input, rows).unwrap();
+    let output = env.path("offices.jsonl");
+    let run = env.run(&["batch", input.to_str().unwrap(), "--command", "Set-Mailbox", "--key-column", "Identity", "--workers", "3", "-o", output.to_str().unwrap()]);
+    let stderr = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    let results = jsonl(&read(&output));
+    let lines = by_line(&results);
+    assert_eq!(lines.len(), 10);
+    assert_eq!(lines[&11]["status"], "invalid");
+    assert!(lines[&11]["error"].as_str().unwrap().starts_with("line 11: 2 fields for 3 columns; missing Department"), "{}", lines[&11]);
+    assert!(lines.iter().filter(|(l, _)| **l != 11).all(|(_, r)| r["status"] == "succeeded" && r["key"].as_str().unwrap().starts_with("ContosoUser")));
+    for user in 1..=3 {
+        let mailbox = env.run(&["run", "Get-Mailbox", "--params", &format!(r#"{{"Identity": "ContosoUser{user}"}}"#), "--select", "Office,Department"]);
+        let mailbox: Value = serde_json::from_slice(&mailbox.stdout).unwrap();
+        assert_eq!(mailbox[0], json!({ "Office": "Office 3", "Department": format!("Dept {user}") }));
+    }
+    assert!(stderr.contains("9 succeeded, 1 failed (1 invalid)"), "{stderr}");
+}
+
+#[test]
+fn ctrl_c_lets_running_items_finish_and_a_rerun_does_the_rest() {
+    let env = CliEnv::new("");
+    let items: Vec<Value> = (0..150).map(|i| new_mailbox(&format!("Int{i:03}"))).collect();
+    let input = write_items(&env, "items.jsonl", &items);
+    let output = env.path("out.jsonl");
+    let journal = env.path("out.jsonl.journal");
+    let args = ["batch", input.as_str(), "--workers", "2", "-o", output.to_str().unwrap()];
+    let child = env.psbridge().args(args).env("EXO_SIM_LATENCY_MS", "60").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while finished_in_journal(&journal) < 10 {
+        assert!(Instant::now() < deadline, "the batch never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let first = child.wait_with_output().unwrap();
+    let stderr = text(&first.stderr);
+    assert_eq!(first.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("stopping: waiting for") && stderr.contains("run the same command again"), "{stderr}");
+    let results = jsonl(&read(&output));
+    assert_eq!(by_line(&results).len(), 150, "every item is accounted for");
+    let done = results.iter().filter(|r| r["status"] == "succeeded").count();
+    let not_run = results.iter().filter(|r| r["status"] == "not_run").count();
+    assert_eq!(done + not_run, 150, "running items finished, none was cancelled: {stderr}");
+    assert!(not_run > 0, "it stopped taking items");
+
+    let second = env.run(&args);
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    let results = jsonl(&read(&output));
+    assert_eq!(results.iter().filter(|r| r["previous_run"] == true).count(), done);
+    assert!(results.iter().all(|r| r["status"] == "succeeded" && r.get("resumed_in_flight").is_none()));
+    assert_eq!(env.mailbox_names().iter().filter(|n| n.starts_with("Int")).count(), 150);
+}
+
+#[test]
+fn bad_batch_usage_is_explained_and_touches_nothing() {
+    let env = CliEnv::new("");
+    let csv = env.path("rows.csv");
+    std::fs::write(&csv, "Identity,Office\nContosoUser1,A\n").unwrap();
+    let run = env.run(&["batch", csv.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(text(&run.stderr).contains("CSV input needs --command"), "{}", text(&run.stderr));
+    let run = env.run(&["batch", csv.to_str().unwrap(), "--command", "Set-Mailbox", "--key-column", "Alias"]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(text(&run.stderr).contains("--key-column Alias: no such column; columns: Identity, Office"), "{}", text(&run.stderr));
+    // A journal that is not one is refused, and left as it was.
+    let run = env.run(&["batch", csv.to_str().unwrap(), "--command", "Set-Mailbox", "--journal", csv.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2));
+    assert_eq!(read(&csv), "Identity,Office\nContosoUser1,A\n");
+    let run = env.run(&["batch", env.path("missing.jsonl").to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(text(&run.stderr).contains("cannot read the input"), "{}", text(&run.stderr));
+}

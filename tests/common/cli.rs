@@ -1,0 +1,103 @@
+//! Running the `psbridge` binary against the simulated module, with a private configuration, data folder
+//! and tenant.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// A private world for one test: `config.toml` (profile `sim`), a data folder and a tenant.
+pub struct CliEnv {
+    pub dir: tempfile::TempDir,
+}
+
+impl CliEnv {
+    /// A world whose config file holds the `sim` profile followed by `extra` TOML.
+    pub fn new(extra: &str) -> CliEnv {
+        let env = CliEnv { dir: tempfile::tempdir().unwrap() };
+        env.write_config(extra);
+        env
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn tenant(&self) -> PathBuf {
+        self.path("tenant")
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("config.toml")
+    }
+
+    /// Rewrites the config file: profile `sim` (the repository's simulated module, a managed identity
+    /// connect, fast retries), then `extra`.
+    pub fn write_config(&self, extra: &str) {
+        let tenant = self.tenant();
+        let text = format!(
+            r#"
+default_profile = "sim"
+
+[profiles.sim]
+module_path = ['{modules}']
+modules = ["ExchangeOnlineManagement"]
+workers = 3
+start_timeout_secs = 120
+env = {{ EXO_SIM_TENANT = '{tenant}' }}
+
+[profiles.sim.connect]
+command = "Connect-ExchangeOnline"
+parameters = {{ ManagedIdentity = true, Organization = "contoso.onmicrosoft.com", ShowBanner = false, EXOModuleBasePath = '{tenant}' }}
+
+[profiles.sim.disconnect]
+command = "Disconnect-ExchangeOnline"
+parameters = {{ Confirm = false }}
+
+[profiles.sim.retry]
+base_delay_ms = 10
+max_delay_ms = 50
+
+{extra}
+"#,
+            modules = super::sim_modules().display(),
+            tenant = tenant.display(),
+        );
+        std::fs::write(self.config(), text).unwrap();
+    }
+
+    /// `psbridge` with this world's configuration, data folder and tenant.
+    pub fn psbridge(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_psbridge"));
+        cmd.env("PSBRIDGE_CONFIG", self.config())
+            .env_remove("PSBRIDGE_PROFILE")
+            .env("XDG_CONFIG_HOME", self.path("config-home"))
+            .env("XDG_DATA_HOME", self.path("data"))
+            .env("EXO_SIM_TENANT", self.tenant());
+        cmd
+    }
+
+    /// Runs psbridge with `args` and returns what it did.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.psbridge().args(args).output().unwrap()
+    }
+
+    /// Every mailbox name in the tenant (through `psbridge run`).
+    pub fn mailbox_names(&self) -> Vec<String> {
+        let output = self.run(&["run", "Get-Mailbox", "--params", r#"{"ResultSize": "Unlimited"}"#, "--select", "Name", "--format", "jsonl"]);
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+        text(&output.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["Name"].as_str().unwrap().to_owned()).collect()
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Parses a JSONL file or text.
+pub fn jsonl(text: &str) -> Vec<serde_json::Value> {
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a JSON line ({e}): {l}"))).collect()
+}
+
+/// A file's text (panics with its name when missing).
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
