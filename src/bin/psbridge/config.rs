@@ -322,6 +322,17 @@ max_attempts = 3
     }
 
     #[test]
+    fn the_readme_example_parses() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("```toml\ndefault_profile").expect("the README has a profile example") + "```toml\n".len();
+        let end = start + readme[start..].find("```").unwrap();
+        let config = parse(&readme[start..end]).unwrap();
+        let contoso = config.file.profiles["contoso"].get_ref();
+        assert_eq!(contoso.connect.as_ref().unwrap().secrets["CertificatePassword"].get_ref().env.as_deref(), Some("EXO_CERT_PASSWORD"));
+        assert_eq!(contoso.retry.as_ref().unwrap().max_attempts, Some(6));
+    }
+
+    #[test]
     fn errors_name_the_line_and_key() {
         let error = parse("[profiles.a]\nworkers = 2\nwokers = 3\n").unwrap_err().to_string();
         assert!(error.contains("line 3") && error.contains("wokers"), "{error}");

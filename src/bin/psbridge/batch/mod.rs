@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use psbridge::{Command, InvocationResult, RunspacePool};
+use psbridge::{Command, InvocationResult, RetryPolicy, RunspaceBuilder, RunspacePool};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-use crate::profile::Profile;
 use crate::secret::SecretReader;
 use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Globals};
 use input::{Entry, Item};
@@ -135,13 +134,14 @@ pub async fn run(args: BatchArgs, mut globals: Globals) -> u8 {
 /// A batch ready to run: items, journal, output and pool settings.
 struct Batch {
     entries: Vec<Entry>,
-    profile: Profile,
+    /// The profile's workers, secrets already read (a missing secret stops the batch before it starts).
+    workers_builder: RunspaceBuilder,
+    retry: RetryPolicy,
     workers: usize,
     timeout: Option<Duration>,
     journal: Option<Journal>,
     previous: Previous,
     sink: ResultSink,
-    stdin_taken: bool,
 }
 
 impl Batch {
@@ -193,6 +193,13 @@ impl Batch {
                 return Err(usage(format_args!("{what} {} is the input file; choose another", path.display())));
             }
         }
+        if let (Some(journal), Some(output)) = (&journal_path, &args.output)
+            && (journal == output || same_file(journal, output))
+        {
+            return Err(usage("the journal and --output must be different files"));
+        }
+        let mut secrets = SecretReader::with_stdin_taken(stdin_taken.then(|| "the batch input".to_owned()));
+        let workers_builder = profile.builder(&mut secrets).map_err(usage)?;
         let input_name = args.input.display().to_string();
         let (journal, previous) = match &journal_path {
             Some(path) => {
@@ -211,7 +218,7 @@ impl Batch {
         if journal.is_none() && !args.quiet && !args.no_journal {
             eprintln!("psbridge: note: no journal (results go to stdout); give --journal FILE to make this batch resumable");
         }
-        Ok(Batch { entries, profile, workers, timeout, journal, previous, sink, stdin_taken })
+        Ok(Batch { entries, workers_builder, retry: profile.retry(), workers, timeout, journal, previous, sink })
     }
 
     async fn execute(mut self, args: &BatchArgs) -> u8 {
@@ -310,12 +317,10 @@ impl Batch {
     }
 
     async fn open_pool(&self) -> Result<RunspacePool, String> {
-        let mut secrets = SecretReader::with_stdin_taken(self.stdin_taken.then(|| "the batch input".to_owned()));
-        let builder = self.profile.builder(&mut secrets).map_err(|e| e.to_string())?;
-        RunspacePool::builder(builder)
+        RunspacePool::builder(self.workers_builder.clone())
             .min_workers(self.workers)
             .max_workers(self.workers)
-            .retry(self.profile.retry())
+            .retry(self.retry.clone())
             .shutdown_grace(Duration::from_secs(10))
             .build()
             .await
