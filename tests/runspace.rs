@@ -531,3 +531,16 @@ async fn an_over_long_line_fails_that_command_only() {
     let r = rs.invoke(&Command::script("'x' * 5000")).await.unwrap();
     assert_eq!(r.output[0].value.as_str().unwrap().len(), 5000, "the worker goes on, in step");
 }
+
+#[tokio::test]
+async fn the_workers_runtime_setting_stays_out_of_the_session() {
+    // psbridge starts workers with DOTNET_TieredPGO=0 (speed only); the worker removes it again so that
+    // commands and child processes see the caller's environment. A value the caller chose is kept.
+    async fn seen(mut rs: psbridge::Runspace) -> Vec<String> {
+        let probe = Command::script("\"$env:DOTNET_TieredPGO\", \"$env:PSBRIDGE_UNSET_TIERED_PGO\"");
+        let result = rs.invoke(&probe).await.unwrap();
+        result.output.iter().map(|o| o.value.as_str().unwrap().to_owned()).collect()
+    }
+    assert_eq!(seen(common::plain().await).await, ["", ""]);
+    assert_eq!(seen(common::builder().env("DOTNET_TieredPGO", "1").open().await.unwrap()).await, ["1", ""]);
+}

@@ -31,6 +31,17 @@ function Set-Utf8Everywhere {
     $PSStyle.OutputRendering = 'PlainText'
 }
 
+function Clear-WorkerOnlySetting {
+    <#
+        psbridge turns .NET's tiered PGO off for its workers (see process_command in src/runspace.rs). The
+        runtime read it at start-up; removing it here keeps it from user commands and child processes.
+    #>
+    if ($env:PSBRIDGE_UNSET_TIERED_PGO -eq '1') {
+        [Environment]::SetEnvironmentVariable('DOTNET_TieredPGO', $null)
+        [Environment]::SetEnvironmentVariable('PSBRIDGE_UNSET_TIERED_PGO', $null)
+    }
+}
+
 function Get-HostSourceHash {
     param([string] $Source)
     $bytes = [System.Text.Encoding]::UTF8.GetBytes($Source + $PSVersionTable.PSVersion.ToString())
@@ -79,6 +90,7 @@ function Invoke-RequestLoop {
     }
 }
 
+Clear-WorkerOnlySetting
 Set-Utf8Everywhere
 Import-BridgeHost -CacheDirectory $CacheDirectory
 [PsBridge.Protocol]::Claim()
