@@ -222,6 +222,49 @@ fn ctrl_c_lets_running_items_finish_and_a_rerun_does_the_rest() {
 }
 
 #[test]
+fn a_second_ctrl_c_cancels_running_items_and_the_rerun_marks_them() {
+    let env = CliEnv::new("");
+    let items: Vec<Value> = (0..12).map(|i| new_mailbox(&format!("Cancel{i:02}"))).collect();
+    let input = write_items(&env, "items.jsonl", &items);
+    let output = env.path("out.jsonl");
+    let journal = env.path("out.jsonl.journal");
+    let args = ["batch", input.as_str(), "--workers", "2", "-o", output.to_str().unwrap()];
+    // Each New-Mailbox waits 30 s (stoppably) before it writes: the interrupts find two running.
+    let child = env.psbridge().args(args).env("EXO_SIM_LATENCY_MS", "30000").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let started = |j: &std::path::Path| std::fs::read_to_string(j).map(|t| t.lines().filter(|l| l.starts_with("{\"start\"")).count()).unwrap_or(0);
+    while started(&journal) < 2 {
+        assert!(Instant::now() < deadline, "the batch never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // the commands reach the workers
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let first = child.wait_with_output().unwrap();
+    let stderr = text(&first.stderr);
+    assert_eq!(first.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("cancelling the running items"), "{stderr}");
+    let results = jsonl(&read(&output));
+    assert_eq!(by_line(&results).len(), 12);
+    let cancelled: Vec<u64> = results.iter().filter(|r| r["status"] == "cancelled").map(|r| r["line"].as_u64().unwrap()).collect();
+    assert!(!cancelled.is_empty(), "running items were cancelled: {stderr}");
+    assert!(results.iter().all(|r| r["status"] == "cancelled" || r["status"] == "not_run" || r["status"] == "succeeded"));
+
+    let second = env.run(&args);
+    let results = jsonl(&read(&output));
+    let lines = by_line(&results);
+    for line in &cancelled {
+        let r = lines[line];
+        assert_eq!(r["resumed_in_flight"], true, "a cancelled item may have been applied: {r}");
+        assert!(r["attempts"].as_u64().unwrap() >= 2);
+    }
+    assert!(results.iter().all(|r| r["status"] == "succeeded" || r["resumed_in_flight"] == true), "{}", text(&second.stderr));
+    assert_eq!(env.mailbox_names().iter().filter(|n| n.starts_with("Cancel")).count(), 12);
+}
+
+#[test]
 fn bad_batch_usage_is_explained_and_touches_nothing() {
     let env = CliEnv::new("");
     let csv = env.path("rows.csv");

@@ -14,7 +14,11 @@ const APP_ID: &str = "11111111-2222-3333-4444-555555555555";
 
 /// A password-protected PFX made by the simulation's helper; returns its path.
 fn certificate(env: &CliEnv, password: &str) -> PathBuf {
-    let pfx = env.path("app.pfx");
+    certificate_expiring(env, password, 365)
+}
+
+fn certificate_expiring(env: &CliEnv, password: &str, days: i32) -> PathBuf {
+    let pfx = env.path(&format!("app{days}.pfx"));
     let password_file = env.path("pfx-password.txt");
     std::fs::write(&password_file, password).unwrap();
     let pwsh = psbridge::find_pwsh(None).expect("pwsh");
@@ -25,6 +29,8 @@ fn certificate(env: &CliEnv, password: &str) -> PathBuf {
         .arg(&pfx)
         .arg("-PasswordFile")
         .arg(&password_file)
+        .arg("-ExpiresInDays")
+        .arg(days.to_string())
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", text(&made.stderr));
@@ -114,6 +120,16 @@ fn doctor_explains_a_wrong_certificate_password_without_showing_it() {
     assert!(report.contains("fix: the password does not open this file: check secret CertificatePassword (environment variable EXO_TEST_CERT_PASSWORD)"), "{report}");
     assert!(report.contains("skip  connect"), "{report}");
     assert_secret_absent(&doctor, wrong);
+
+    // An expired certificate, and one about to expire.
+    for (days, mark, wanted) in [(-2, "FAIL", ": expired"), (10, "warn", "expires in")] {
+        let pfx = certificate_expiring(&env, "the-right-one-8k2", days);
+        env.write_config(&cert_profile(&env, &pfx, r#"{ env = "EXO_TEST_CERT_PASSWORD" }"#));
+        let doctor = env.psbridge().args(["doctor", "--profile", "cert", "--offline"]).env("EXO_TEST_CERT_PASSWORD", "the-right-one-8k2").output().unwrap();
+        let report = text(&doctor.stdout);
+        assert!(report.contains(&format!("{mark}  certificate")) && report.contains(wanted), "{report}");
+        assert_eq!(doctor.status.code(), Some(if mark == "FAIL" { 1 } else { 0 }), "{report}");
+    }
 
     // The variable missing altogether is a failed secret check with its fix.
     let doctor = env.psbridge().args(["doctor", "--profile", "cert", "--offline"]).env_remove("EXO_TEST_CERT_PASSWORD").output().unwrap();
