@@ -265,6 +265,37 @@ fn a_second_ctrl_c_cancels_running_items_and_the_rerun_marks_them() {
 }
 
 #[test]
+fn a_terminal_gets_a_progress_bar_with_rate_and_eta_and_quiet_gets_nothing() {
+    let env = CliEnv::new("");
+    let items: Vec<Value> = (1..=40).map(|i| json!({ "command": "Get-Mailbox", "parameters": { "Identity": format!("ContosoUser{i}") } })).collect();
+    let input = write_items(&env, "items.jsonl", &items);
+    let output = env.path("out.jsonl");
+    let mut batch = env.psbridge();
+    batch.args(["batch", input.as_str(), "--workers", "1", "-o", output.to_str().unwrap()]);
+    // `script` runs the batch on a pseudo-terminal and copies what it drew to its own stdout.
+    let line: Vec<String> = std::iter::once(batch.get_program()).chain(batch.get_args()).map(|a| format!("'{}'", a.to_str().unwrap())).collect();
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &line.join(" "), "/dev/null"]).env("TERM", "xterm-256color").env("EXO_SIM_LATENCY_MS", "150");
+    for (name, value) in batch.get_envs() {
+        match value {
+            Some(value) => script.env(name, value),
+            None => script.env_remove(name),
+        };
+    }
+    let drawn = script.output().unwrap();
+    let screen = text(&drawn.stdout);
+    assert_eq!(drawn.status.code(), Some(0), "{screen}");
+    assert!(screen.contains("/40 items") && screen.contains("ETA") && screen.contains("/s"), "a bar with position, rate and ETA: {screen}");
+    assert!(screen.contains("40 succeeded, 0 failed"), "the summary follows: {screen}");
+    assert_eq!(jsonl(&read(&output)).len(), 40);
+
+    let quiet = env.run(&["batch", input.as_str(), "--quiet", "--no-journal"]);
+    assert_eq!(quiet.status.code(), Some(0));
+    assert!(quiet.stderr.is_empty(), "--quiet prints nothing on stderr: {}", text(&quiet.stderr));
+    assert_eq!(jsonl(&text(&quiet.stdout)).len(), 40);
+}
+
+#[test]
 fn bad_batch_usage_is_explained_and_touches_nothing() {
     let env = CliEnv::new("");
     let csv = env.path("rows.csv");

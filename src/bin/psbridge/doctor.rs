@@ -78,9 +78,12 @@ impl Report {
 }
 
 pub async fn run(args: DoctorArgs, globals: Globals) -> u8 {
+    let globals = match globals.with_simulated(args.simulated) {
+        Ok(globals) => globals,
+        Err(code) => return code,
+    };
     let mut report = Report::default();
-    let asked = if args.simulated { Some(SIMULATED.to_owned()) } else { globals.profile.clone() };
-    if let Some(profile) = configuration(&mut report, &globals, asked.as_deref()) {
+    if let Some(profile) = configuration(&mut report, &globals, globals.profile.as_deref()) {
         check_profile(&mut report, &profile, args.offline).await;
     }
     if report.failed {

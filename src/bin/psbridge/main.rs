@@ -38,7 +38,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
         back as JSON with every PowerShell stream kept apart.",
     after_help = "Examples:\n  \
         psbridge run --profile simulated Get-Mailbox --params '{\"Identity\": \"ContosoUser1\"}'\n  \
-        psbridge batch --profile contoso --command Set-Mailbox --key-column Identity changes.csv --output results.jsonl\n  \
+        psbridge batch --profile contoso --command Set-Mailbox changes.csv -o results.jsonl\n  \
         psbridge doctor --profile contoso\n  \
         psbridge completions bash > ~/.local/share/bash-completion/completions/psbridge\n\n\
         Profiles: a TOML file (--config, PSBRIDGE_CONFIG, default ~/.config/psbridge/config.toml) names how \
@@ -90,6 +90,21 @@ pub struct Globals {
 }
 
 impl Globals {
+    /// These options with `--simulated` (short for `--profile simulated`) applied; a conflicting
+    /// `--profile` is a usage error.
+    pub fn with_simulated(mut self, simulated: bool) -> Result<Globals, u8> {
+        if simulated {
+            match self.profile.as_deref() {
+                Some(other) if other != config::SIMULATED => {
+                    eprintln!("psbridge: --simulated is short for --profile {}; it cannot be combined with --profile {other}", config::SIMULATED);
+                    return Err(EXIT_USAGE);
+                }
+                _ => self.profile = Some(config::SIMULATED.to_owned()),
+            }
+        }
+        Ok(self)
+    }
+
     /// The configuration and the chosen profile; on failure, prints why and returns the exit status.
     pub fn profile(&self) -> Result<(Config, Profile), u8> {
         let config = Config::load(self.config.as_deref()).map_err(|error| {

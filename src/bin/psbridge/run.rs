@@ -8,7 +8,6 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use psbridge::{Command, Runspace, RunspaceBuilder, StreamItem};
 
-use crate::config::SIMULATED;
 use crate::output::{self, Envelope, OutputWriter, Selection};
 use crate::secret::SecretReader;
 use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Globals};
@@ -90,16 +89,11 @@ pub enum Format {
     Csv,
 }
 
-pub async fn run(args: RunArgs, mut globals: Globals) -> u8 {
-    if args.simulated {
-        match globals.profile.as_deref() {
-            Some(other) if other != SIMULATED => {
-                eprintln!("psbridge: --simulated is short for --profile {SIMULATED}; it cannot be combined with --profile {other}");
-                return EXIT_USAGE;
-            }
-            _ => globals.profile = Some(SIMULATED.to_owned()),
-        }
-    }
+pub async fn run(args: RunArgs, globals: Globals) -> u8 {
+    let globals = match globals.with_simulated(args.simulated) {
+        Ok(globals) => globals,
+        Err(code) => return code,
+    };
     let command = match command_from(&args) {
         Ok(command) => command,
         Err(error) => {

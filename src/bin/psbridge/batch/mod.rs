@@ -121,10 +121,11 @@ fn usage(message: impl std::fmt::Display) -> u8 {
     EXIT_USAGE
 }
 
-pub async fn run(args: BatchArgs, mut globals: Globals) -> u8 {
-    if args.simulated {
-        globals.profile = Some(crate::config::SIMULATED.to_owned());
-    }
+pub async fn run(args: BatchArgs, globals: Globals) -> u8 {
+    let globals = match globals.with_simulated(args.simulated) {
+        Ok(globals) => globals,
+        Err(code) => return code,
+    };
     match Batch::prepare(&args, &globals) {
         Ok(batch) => batch.execute(&args).await,
         Err(code) => code,
