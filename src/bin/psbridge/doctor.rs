@@ -29,7 +29,7 @@ const EXPIRY_WARNING_DAYS: f64 = 30.0;
     psbridge doctor --simulated\n  \
     PSBRIDGE_PROFILE=contoso psbridge doctor && psbridge batch changes.jsonl --output results.jsonl")]
 pub struct DoctorArgs {
-    /// Short for --profile simulated.
+    /// Short for --profile simulated (it wins over --profile and PSBRIDGE_PROFILE).
     #[arg(long)]
     simulated: bool,
 
@@ -78,10 +78,7 @@ impl Report {
 }
 
 pub async fn run(args: DoctorArgs, globals: Globals) -> u8 {
-    let globals = match globals.with_simulated(args.simulated) {
-        Ok(globals) => globals,
-        Err(code) => return code,
-    };
+    let globals = globals.with_simulated(args.simulated);
     let mut report = Report::default();
     if let Some(profile) = configuration(&mut report, &globals, globals.profile.as_deref()) {
         check_profile(&mut report, &profile, args.offline).await;

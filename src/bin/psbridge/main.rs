@@ -90,19 +90,14 @@ pub struct Globals {
 }
 
 impl Globals {
-    /// These options with `--simulated` (short for `--profile simulated`) applied; a conflicting
-    /// `--profile` is a usage error.
-    pub fn with_simulated(mut self, simulated: bool) -> Result<Globals, u8> {
+    /// These options with `--simulated` (short for `--profile simulated`) applied: it wins over
+    /// `--profile` and PSBRIDGE_PROFILE, so that a profile set in the environment does not get in the way
+    /// of a quick try against the simulation.
+    pub fn with_simulated(mut self, simulated: bool) -> Globals {
         if simulated {
-            match self.profile.as_deref() {
-                Some(other) if other != config::SIMULATED => {
-                    eprintln!("psbridge: --simulated is short for --profile {}; it cannot be combined with --profile {other}", config::SIMULATED);
-                    return Err(EXIT_USAGE);
-                }
-                _ => self.profile = Some(config::SIMULATED.to_owned()),
-            }
+            self.profile = Some(config::SIMULATED.to_owned());
         }
-        Ok(self)
+        self
     }
 
     /// The configuration and the chosen profile; on failure, prints why and returns the exit status.

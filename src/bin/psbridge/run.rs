@@ -38,8 +38,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "JSON", default_value = "{}")]
     params: String,
 
-    /// Short for --profile simulated: the bundled simulated ExchangeOnlineManagement module and sample
-    /// tenant (no credentials). The tenant lives in the per-user data folder, or in EXO_SIM_TENANT.
+    /// Short for --profile simulated (it wins over --profile and PSBRIDGE_PROFILE): the bundled simulated
+    /// ExchangeOnlineManagement module and sample tenant (no credentials). The tenant lives in the
+    /// per-user data folder, or in EXO_SIM_TENANT.
     #[arg(long)]
     simulated: bool,
 
@@ -90,10 +91,7 @@ pub enum Format {
 }
 
 pub async fn run(args: RunArgs, globals: Globals) -> u8 {
-    let globals = match globals.with_simulated(args.simulated) {
-        Ok(globals) => globals,
-        Err(code) => return code,
-    };
+    let globals = globals.with_simulated(args.simulated);
     let command = match command_from(&args) {
         Ok(command) => command,
         Err(error) => {

@@ -55,7 +55,7 @@ pub struct BatchArgs {
     #[arg(value_name = "INPUT")]
     input: PathBuf,
 
-    /// Short for --profile simulated.
+    /// Short for --profile simulated (it wins over --profile and PSBRIDGE_PROFILE).
     #[arg(long)]
     simulated: bool,
 
@@ -122,10 +122,7 @@ fn usage(message: impl std::fmt::Display) -> u8 {
 }
 
 pub async fn run(args: BatchArgs, globals: Globals) -> u8 {
-    let globals = match globals.with_simulated(args.simulated) {
-        Ok(globals) => globals,
-        Err(code) => return code,
-    };
+    let globals = globals.with_simulated(args.simulated);
     match Batch::prepare(&args, &globals) {
         Ok(batch) => batch.execute(&args).await,
         Err(code) => code,
