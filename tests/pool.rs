@@ -152,6 +152,31 @@ async fn same_key_commands_never_overlap_and_keep_their_order() {
 }
 
 #[tokio::test]
+async fn submitted_commands_keep_their_order_wherever_awaited_and_a_dropped_one_never_runs() {
+    let tenant = tempfile::tempdir().unwrap();
+    let pool = pool(tenant.path(), 3, |b| b.env("EXO_SIM_LATENCY_MS", "150")).await;
+    let append = "param($Step)
+        $now = (Get-Mailbox -Identity ContosoUser12).CustomAttribute3
+        Set-Mailbox -Identity ContosoUser12 -CustomAttribute3 \"$now,$Step\"";
+    let mut pending = Vec::new();
+    for step in 1..=5 {
+        pending.push(pool.submit(Command::script(append).param("Step", step).key("ContosoUser12")).await.unwrap());
+    }
+    // Step 3 is withdrawn while step 1 still holds the key; the others are awaited last-first, each in a
+    // task of its own.
+    drop(pending.remove(2));
+    let tasks: Vec<_> = pending.into_iter().map(|p| tokio::spawn(p.result())).collect();
+    for task in tasks.into_iter().rev() {
+        let result = task.await.unwrap().unwrap();
+        assert!(!result.had_errors, "{:?}", result.errors);
+        assert_eq!(result.attempts, 1);
+    }
+    let r = pool.invoke(get("ContosoUser12")).await.unwrap();
+    assert_eq!(r.output[0].value["CustomAttribute3"], json!(",1,2,4,5"), "submission order, step 3 never ran");
+    pool.close().await;
+}
+
+#[tokio::test]
 async fn a_throttling_storm_ends_with_every_idempotent_command_succeeding() {
     let tenant = tempfile::tempdir().unwrap();
     let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_THROTTLE_RATE", "0.3"))
