@@ -352,9 +352,14 @@ impl RunspacePool {
     }
 
     async fn invoke_inner(&self, command: Command, wait: bool) -> Result<InvocationResult> {
+        self.enqueue(command, wait).await?.result().await
+    }
+
+    /// Queues a command whose caller collects its result; waits for room unless `wait` is false.
+    async fn enqueue(&self, command: Command, wait: bool) -> Result<Pending> {
         let (tx, rx) = oneshot::channel();
         let started = self.shared.submit(command, Reply::Collect(tx), wait).await?;
-        Pending { shared: self.shared.clone(), started, reply: rx }.result().await
+        Ok(Pending { shared: self.shared.clone(), started, reply: rx })
     }
 
     /// Puts a command in the queue and returns once it is there, waiting for room when the queue is
@@ -379,9 +384,7 @@ impl RunspacePool {
     /// Dropping this future before it completes submits nothing; dropping the [`Pending`] takes the
     /// command out of the queue, or stops it if it is running.
     pub async fn submit(&self, command: Command) -> Result<Pending> {
-        let (tx, rx) = oneshot::channel();
-        let started = self.shared.submit(command, Reply::Collect(tx), true).await?;
-        Ok(Pending { shared: self.shared.clone(), started, reply: rx })
+        self.enqueue(command, true).await
     }
 
     /// Runs a command on the next free worker and yields its items as they come.
