@@ -12,6 +12,7 @@ mod simulated;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -149,6 +150,20 @@ fn main() -> ExitCode {
         }
     });
     ExitCode::from(code)
+}
+
+/// `seconds` as a duration, when it is a positive, finite number.
+pub fn positive_duration(seconds: f64) -> Option<Duration> {
+    (seconds.is_finite() && seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+/// Parses an option given in seconds (`--timeout 1.5`).
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(positive_duration)
+        .ok_or_else(|| format!("must be a positive number of seconds, not {text}"))
 }
 
 /// Prints a generated text (completions, manual page) on stdout.

@@ -143,8 +143,9 @@ impl Profile {
     fn seconds(&self, key: &'static str, value: Option<f64>) -> Result<Option<Duration>, ProfileError> {
         match value {
             None => Ok(None),
-            Some(v) if v.is_finite() && v > 0.0 => Ok(Some(Duration::from_secs_f64(v))),
-            Some(value) => Err(ProfileError::BadSeconds { profile: self.name.clone().unwrap_or_default(), key, value }),
+            Some(value) => crate::positive_duration(value)
+                .map(Some)
+                .ok_or_else(|| ProfileError::BadSeconds { profile: self.name.clone().unwrap_or_default(), key, value }),
         }
     }
 

@@ -60,8 +60,8 @@ pub struct RunArgs {
 
     /// Stop the command after this many seconds (the worker is killed if it does not stop)
     /// [default: the profile's command_timeout_secs, else no limit].
-    #[arg(long, value_name = "SECONDS")]
-    timeout: Option<f64>,
+    #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
+    timeout: Option<Duration>,
 
     /// The pwsh executable (default: PSBRIDGE_PWSH, else pwsh on PATH).
     #[arg(long, value_name = "PATH")]
@@ -136,11 +136,8 @@ fn command_from(args: &RunArgs) -> anyhow::Result<Command> {
         (None, None) => bail!("give a COMMAND or --script"),
     };
     command = command.params(params);
-    if let Some(seconds) = args.timeout {
-        if !(seconds.is_finite() && seconds > 0.0) {
-            bail!("--timeout must be a positive number of seconds, not {seconds}");
-        }
-        command = command.timeout(Duration::from_secs_f64(seconds));
+    if let Some(timeout) = args.timeout {
+        command = command.timeout(timeout);
     }
     Ok(command)
 }

@@ -96,16 +96,16 @@ pub struct BatchArgs {
     retry_failed: bool,
 
     /// Stop an item after this many seconds [default: the profile's command_timeout_secs].
-    #[arg(long, value_name = "SECONDS")]
-    timeout: Option<f64>,
+    #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
+    timeout: Option<Duration>,
 
     /// No progress and no summary on stderr.
     #[arg(long, short)]
     quiet: bool,
 
     /// Seconds between progress lines when stderr is not a terminal.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    progress_interval: f64,
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::parse_seconds)]
+    progress_interval: Duration,
 }
 
 /// Input formats of `batch`.
@@ -148,14 +148,6 @@ impl Batch {
         let workers = args.workers.unwrap_or_else(|| profile.workers());
         if workers == 0 {
             return Err(usage("--workers must be at least 1"));
-        }
-        let timeout = match args.timeout {
-            Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
-            Some(s) => return Err(usage(format_args!("--timeout must be a positive number of seconds, not {s}"))),
-            None => None,
-        };
-        if !(args.progress_interval.is_finite() && args.progress_interval > 0.0) {
-            return Err(usage("--progress-interval must be a positive number of seconds"));
         }
         let stdin_taken = args.input == Path::new("-");
         let text = read_input(&args.input).map_err(usage)?;
@@ -216,12 +208,12 @@ impl Batch {
         if journal.is_none() && !args.quiet && !args.no_journal {
             eprintln!("psbridge: note: no journal (results go to stdout); give --journal FILE to make this batch resumable");
         }
-        Ok(Batch { entries, workers_builder, retry: profile.retry(), workers, timeout, journal, previous, sink })
+        Ok(Batch { entries, workers_builder, retry: profile.retry(), workers, timeout: args.timeout, journal, previous, sink })
     }
 
     async fn execute(mut self, args: &BatchArgs) -> u8 {
         let mut tally = Tally::default();
-        let mut progress = Progress::new(self.entries.len(), args.quiet, Duration::from_secs_f64(args.progress_interval));
+        let mut progress = Progress::new(self.entries.len(), args.quiet, args.progress_interval);
         let mut to_run: Vec<(Item, u32)> = Vec::new();
         for entry in std::mem::take(&mut self.entries) {
             match entry {
