@@ -255,8 +255,12 @@ impl Config {
     }
 
     fn invalid(&self, span: std::ops::Range<usize>, message: String) -> ConfigError {
-        let line = self.text[..span.start.min(self.text.len())].matches('\n').count() + 1;
-        ConfigError::Invalid { path: self.path.clone().unwrap_or_default(), line, message }
+        ConfigError::Invalid { path: self.path.clone().unwrap_or_default(), line: self.line_at(span.start), message }
+    }
+
+    /// The line (from 1) holding byte `offset` of the file.
+    fn line_at(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
     }
 
     fn line_of(&self, key: &str) -> usize {
@@ -275,8 +279,7 @@ impl Config {
 
     /// The line where a profile starts (for messages).
     pub fn profile_line(&self, name: &str) -> Option<usize> {
-        let span = self.file.profiles.get(name)?.span();
-        Some(self.text[..span.start.min(self.text.len())].matches('\n').count() + 1)
+        Some(self.line_at(self.file.profiles.get(name)?.span().start))
     }
 }
 

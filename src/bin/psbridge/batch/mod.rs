@@ -271,11 +271,7 @@ impl Batch {
         // Whatever did not run is still accounted for.
         for (item, _) in to_run {
             tally.not_run += 1;
-            let record = json!({
-                "line": item.line, "id": item.id, "key": item.key, "command": item.command, "input": item.raw,
-                "status": "not_run",
-            });
-            if !self.emit(&record, &progress) {
+            if !self.emit(&item_record(&item, "not_run"), &progress) {
                 return EXIT_BRIDGE;
             }
         }
@@ -363,11 +359,7 @@ impl Batch {
                         let (item, _) = items.remove(&error.id()).expect("every task has its item");
                         tally.cancelled += 1;
                         // No finish record: the next run repeats it, marked resumed_in_flight.
-                        let record = json!({
-                            "line": item.line, "id": item.id, "key": item.key, "command": item.command, "input": item.raw,
-                            "status": "cancelled",
-                        });
-                        self.emit(&record, progress);
+                        self.emit(&item_record(&item, "cancelled"), progress);
                     }
                 },
                 () = signals.recv() => {
@@ -411,6 +403,7 @@ impl Batch {
         progress: &mut Progress,
     ) {
         let record = result_record(&item, earlier_starts, outcome, elapsed);
+        tally.ran += 1;
         if record["status"] == "succeeded" { tally.succeeded += 1 } else { tally.failed += 1 }
         if record["attempts"].as_u64().unwrap_or(1) > 1 {
             tally.retried += 1;
@@ -436,21 +429,25 @@ impl Batch {
     }
 }
 
+/// The record of an item: what it was, and its status.
+fn item_record(item: &Item, status: &str) -> Value {
+    json!({
+        "line": item.line, "id": item.id, "key": item.key, "command": item.command, "input": item.raw, "status": status,
+    })
+}
+
 /// The result record of an item that ran.
 fn result_record(item: &Item, earlier_starts: u32, outcome: Result<InvocationResult, psbridge::Error>, elapsed: Duration) -> Value {
-    let mut record = json!({
-        "line": item.line, "id": item.id, "key": item.key, "command": item.command, "input": item.raw,
-    });
+    let succeeded = outcome.as_ref().is_ok_and(|result| !result.had_errors);
+    let mut record = item_record(item, if succeeded { "succeeded" } else { "failed" });
     let attempts = match outcome {
         Ok(result) => {
-            record["status"] = json!(if result.had_errors { "failed" } else { "succeeded" });
             record["output"] = Value::Array(result.output.into_iter().map(|o| o.value).collect());
             record["errors"] = json!(result.errors);
             record["warnings"] = json!(result.warnings);
             result.attempts
         }
         Err(error) => {
-            record["status"] = json!("failed");
             record["error"] = json!(error.to_string());
             1
         }
@@ -464,7 +461,6 @@ fn result_record(item: &Item, earlier_starts: u32, outcome: Result<InvocationRes
 }
 
 fn summary(tally: &Tally, progress: &Progress) -> String {
-    let ran = tally.succeeded + tally.failed - tally.invalid;
     let mut text = format!(
         "psbridge batch: {} succeeded, {} failed ({} invalid), {} skipped (finished in an earlier run), {} retried",
         tally.succeeded, tally.failed, tally.invalid, tally.skipped, tally.retried
@@ -476,7 +472,7 @@ fn summary(tally: &Tally, progress: &Progress) -> String {
         text += &format!(", {} not run", tally.not_run);
     }
     let seconds = progress.elapsed().as_secs_f64();
-    text + &format!("; {ran} items run in {seconds:.1} s ({:.1} items/s)", progress.rate(tally))
+    text + &format!("; {} items run in {seconds:.1} s ({:.1} items/s)", tally.ran, progress.rate(tally))
 }
 
 fn read_input(path: &Path) -> Result<String, String> {

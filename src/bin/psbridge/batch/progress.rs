@@ -19,6 +19,8 @@ pub struct Tally {
     pub retried: usize,
     pub cancelled: usize,
     pub not_run: usize,
+    /// Items that ran in this run and finished (succeeded or failed).
+    pub ran: usize,
 }
 
 impl Tally {
@@ -38,8 +40,6 @@ pub struct Progress {
     display: Display,
     total: usize,
     started: Instant,
-    /// Items done before this run's own work began (skipped, invalid): not part of the rate.
-    baseline: usize,
 }
 
 impl Progress {
@@ -58,12 +58,11 @@ impl Progress {
         } else {
             Display::Lines { every, last: Instant::now() }
         };
-        Progress { display, total, started: Instant::now(), baseline: 0 }
+        Progress { display, total, started: Instant::now() }
     }
 
     /// Marks the start of this run's own work, with `tally` already done.
     pub fn begin(&mut self, tally: &Tally) {
-        self.baseline = tally.done();
         self.started = Instant::now();
         if let Display::Bar(bar) = &self.display {
             bar.set_position(tally.done() as u64);
@@ -105,7 +104,7 @@ impl Progress {
     /// Items per second of this run.
     pub fn rate(&self, tally: &Tally) -> f64 {
         let elapsed = self.started.elapsed().as_secs_f64();
-        if elapsed > 0.0 { tally.done().saturating_sub(self.baseline) as f64 / elapsed } else { 0.0 }
+        if elapsed > 0.0 { tally.ran as f64 / elapsed } else { 0.0 }
     }
 
     pub fn elapsed(&self) -> Duration {

@@ -17,9 +17,10 @@ impl ResultSink {
     /// Standard output when `path` is `None`, else `path` (through `path.partial`).
     pub fn open(path: Option<&Path>) -> Result<ResultSink, String> {
         let Some(target) = path else { return Ok(ResultSink::Stdout(io::stdout())) };
-        let mut name = target.file_name().map(|n| n.to_os_string()).ok_or_else(|| format!("--output {} is not a file name", target.display()))?;
-        name.push(".partial");
-        let partial = target.with_file_name(name);
+        if target.file_name().is_none() {
+            return Err(format!("--output {} is not a file name", target.display()));
+        }
+        let partial = super::with_suffix(target, ".partial");
         let file = File::create(&partial).map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
         Ok(ResultSink::File { partial, target: target.to_owned(), writer: BufWriter::new(file) })
     }
