@@ -32,8 +32,20 @@ fn by_line(results: &[Value]) -> BTreeMap<u64, &Value> {
     lines
 }
 
-fn finished_in_journal(path: &std::path::Path) -> usize {
-    std::fs::read_to_string(path).map(|t| t.lines().filter(|l| l.starts_with("{\"finish\"")).count()).unwrap_or(0)
+/// How many records of `kind` (`start` or `finish`) the journal holds so far.
+fn journal_records(path: &std::path::Path, kind: &str) -> usize {
+    let prefix = format!("{{\"{kind}\"");
+    std::fs::read_to_string(path).map(|t| t.lines().filter(|l| l.starts_with(&prefix)).count()).unwrap_or(0)
+}
+
+/// Waits (up to 2 minutes) until the journal holds `count` records of `kind`; the batch must not end first.
+fn wait_for_journal(path: &std::path::Path, kind: &str, count: usize, batch: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while journal_records(path, kind) < count {
+        assert!(Instant::now() < deadline, "the batch never got going");
+        assert!(batch.try_wait().unwrap().is_none(), "the batch ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -84,16 +96,11 @@ fn a_batch_killed_part_way_resumes_and_creates_every_mailbox_exactly_once() {
     let args = ["batch", input.as_str(), "--workers", "3", "--output", output.to_str().unwrap(), "--quiet"];
 
     let mut first = env.psbridge().args(args).env("EXO_SIM_LATENCY_MS", "40").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while finished_in_journal(&journal) < 60 {
-        assert!(Instant::now() < deadline, "the first run never got going");
-        assert!(first.try_wait().unwrap().is_none(), "the first run ended early");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_journal(&journal, "finish", 60, &mut first);
     first.kill().unwrap(); // SIGKILL: no clean-up at all
     first.wait().unwrap();
     assert!(!output.exists(), "no half-written output file");
-    let done_before = finished_in_journal(&journal);
+    let done_before = journal_records(&journal, "finish");
     assert!(done_before < 240, "killed part-way");
 
     let second = env.psbridge().args(args).output().unwrap();
@@ -195,12 +202,8 @@ fn ctrl_c_lets_running_items_finish_and_a_rerun_does_the_rest() {
     let output = env.path("out.jsonl");
     let journal = env.path("out.jsonl.journal");
     let args = ["batch", input.as_str(), "--workers", "2", "-o", output.to_str().unwrap()];
-    let child = env.psbridge().args(args).env("EXO_SIM_LATENCY_MS", "60").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while finished_in_journal(&journal) < 10 {
-        assert!(Instant::now() < deadline, "the batch never got going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = env.psbridge().args(args).env("EXO_SIM_LATENCY_MS", "60").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_journal(&journal, "finish", 10, &mut child);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let first = child.wait_with_output().unwrap();
     let stderr = text(&first.stderr);
@@ -230,14 +233,9 @@ fn a_second_ctrl_c_cancels_running_items_and_the_rerun_marks_them() {
     let journal = env.path("out.jsonl.journal");
     let args = ["batch", input.as_str(), "--workers", "2", "-o", output.to_str().unwrap()];
     // Each New-Mailbox waits 30 s (stoppably) before it writes: the interrupts find two running.
-    let child = env.psbridge().args(args).env("EXO_SIM_LATENCY_MS", "30000").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = env.psbridge().args(args).env("EXO_SIM_LATENCY_MS", "30000").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let started = |j: &std::path::Path| std::fs::read_to_string(j).map(|t| t.lines().filter(|l| l.starts_with("{\"start\"")).count()).unwrap_or(0);
-    while started(&journal) < 2 {
-        assert!(Instant::now() < deadline, "the batch never got going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_journal(&journal, "start", 2, &mut child);
     std::thread::sleep(Duration::from_millis(1500)); // the commands reach the workers
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     std::thread::sleep(Duration::from_millis(500));
