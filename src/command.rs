@@ -3,10 +3,20 @@
 //! Parameter values travel as data and are bound with PowerShell's `AddParameter`; they are never
 //! pasted into script text, so a value such as `'; Remove-Item -Recurse /` is just a string.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use secrecy::SecretString;
 use serde_json::{Map, Value};
+
+use crate::errors::{Error, Result};
+
+/// How deeply arrays and objects may nest in one parameter value (`[[1]]` is 2 levels).
+///
+/// [`Command::validate`] refuses deeper values before anything is sent; the worker reads requests with
+/// the same limit (plus the few levels of the request around the values), so a value that passes here
+/// is never refused there.
+pub const MAX_VALUE_DEPTH: usize = 64;
 
 /// A parameter value.
 ///
@@ -71,6 +81,7 @@ pub struct Command {
     pub(crate) timeout: Option<Duration>,
     pub(crate) key: Option<String>,
     pub(crate) idempotent: Option<bool>,
+    pub(crate) depth: Option<u32>,
 }
 
 impl Command {
@@ -85,7 +96,7 @@ impl Command {
     }
 
     fn start(runnable: Runnable) -> Self {
-        Command { steps: vec![Step { runnable, parameters: Vec::new() }], timeout: None, key: None, idempotent: None }
+        Command { steps: vec![Step { runnable, parameters: Vec::new() }], timeout: None, key: None, idempotent: None, depth: None }
     }
 
     /// Adds a named parameter to the last step of the pipeline.
@@ -131,6 +142,14 @@ impl Command {
         self
     }
 
+    /// Overrides the runspace's serialization depth for this command's output: objects nested deeper
+    /// arrive as their `ToString()`, with a warning naming the property that was cut (see
+    /// [`RunspaceBuilder::depth`](crate::RunspaceBuilder::depth)).
+    pub fn depth(mut self, depth: u32) -> Self {
+        self.depth = Some(depth);
+        self
+    }
+
     /// Marks what the command changes, for a [`RunspacePool`](crate::RunspacePool): commands with the
     /// same key never run at the same time and run in the order they were submitted (for example the
     /// Identity a Set-Mailbox changes). A single runspace runs one command at a time anyway.
@@ -161,7 +180,7 @@ impl Command {
     /// ```
     pub fn is_idempotent(&self) -> bool {
         self.idempotent.unwrap_or_else(|| {
-            matches!(&self.steps[0].runnable, Runnable::Command(name) if name.len() > 4 && name[..4].eq_ignore_ascii_case("get-"))
+            matches!(&self.steps[0].runnable, Runnable::Command(name) if name.len() > 4 && name.as_bytes()[..4].eq_ignore_ascii_case(b"get-"))
         })
     }
 
@@ -171,6 +190,56 @@ impl Command {
             Runnable::Command(name) => name,
             Runnable::Script(_) => "<script>",
         }
+    }
+
+    /// Checks what would be refused later, before anything is sent: command names, parameter names
+    /// (letters, digits and `_`, not starting with a digit; each at most once per step, compared
+    /// case-insensitively as PowerShell does), and values nested more than [`MAX_VALUE_DEPTH`] levels.
+    /// [`Runspace::invoke`](crate::Runspace::invoke) calls it too.
+    ///
+    /// # Errors
+    /// [`Error::InvalidCommand`] saying what is wrong and where.
+    ///
+    /// ```
+    /// use psbridge::{Command, Error};
+    /// assert!(Command::new("Get-Mailbox").param("Identity", "x").validate().is_ok());
+    /// let twice = Command::new("Get-Mailbox").param("Identity", "x").param("identity", "y");
+    /// assert!(matches!(twice.validate(), Err(Error::InvalidCommand { .. })));
+    /// let mut deep = serde_json::json!(1);
+    /// for _ in 0..65 { deep = serde_json::json!([deep]); }
+    /// let error = Command::script("param($V)").param("V", deep).validate().unwrap_err();
+    /// assert!(error.to_string().contains("too deep"), "{error}");
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        for (index, step) in self.steps.iter().enumerate() {
+            let at = || if self.steps.len() > 1 { format!(" (pipeline step {})", index + 1) } else { String::new() };
+            let invalid = |reason: String| Error::InvalidCommand { reason: format!("{reason}{}", at()) };
+            match &step.runnable {
+                Runnable::Command(name) if name.trim().is_empty() => return Err(invalid("the command name is empty".into())),
+                Runnable::Command(name) if name.chars().any(char::is_control) => {
+                    return Err(invalid(format!("the command name {name:?} holds a control character")));
+                }
+                _ => {}
+            }
+            for (i, (name, value)) in step.parameters.iter().enumerate() {
+                if !valid_parameter_name(name) {
+                    return Err(invalid(format!("parameter name {name:?} is not valid (letters, digits and _ only)")));
+                }
+                if let Some((first, _)) = step.parameters[..i].iter().find(|(other, _)| other.eq_ignore_ascii_case(name)) {
+                    return Err(invalid(format!(
+                        "parameter {name} is given twice (as {first} and {name}; PowerShell parameter names ignore case)"
+                    )));
+                }
+                if let ParamValue::Json(value) = value
+                    && let Some(path) = too_deep(value, name)
+                {
+                    return Err(invalid(format!(
+                        "parameter {name}: the value is too deep: nested more than {MAX_VALUE_DEPTH} levels, at {path}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The secrets among the parameters, to mask them in error records.
@@ -185,4 +254,52 @@ impl Command {
         // `steps` is never empty: every constructor makes one step and nothing removes steps.
         &mut self.steps.last_mut().expect("a command has at least one step").parameters
     }
+}
+
+/// A PowerShell parameter name: letters, digits and `_`, not starting with a digit.
+///
+/// ```
+/// assert!(psbridge::valid_parameter_name("Identity"));
+/// assert!(psbridge::valid_parameter_name("_x1"));
+/// assert!(!psbridge::valid_parameter_name("1x") && !psbridge::valid_parameter_name("a-b") && !psbridge::valid_parameter_name(""));
+/// ```
+pub fn valid_parameter_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_alphabetic() || c == '_') && chars.all(|c| c.is_alphanumeric() || c == '_')
+}
+
+/// Where `value` first nests deeper than [`MAX_VALUE_DEPTH`], as a path such as `V[0].a[1]`.
+fn too_deep(value: &Value, name: &str) -> Option<String> {
+    fn walk(value: &Value, depth: usize, path: &mut String) -> bool {
+        let (children, is_array): (Box<dyn Iterator<Item = (String, &Value)>>, bool) = match value {
+            Value::Array(items) => (Box::new(items.iter().enumerate().map(|(i, v)| (i.to_string(), v))), true),
+            Value::Object(map) => (Box::new(map.iter().map(|(k, v)| (k.clone(), v))), false),
+            _ => return false,
+        };
+        if depth >= MAX_VALUE_DEPTH {
+            return true;
+        }
+        for (key, child) in children {
+            let len = path.len();
+            if is_array {
+                let _ = write!(path, "[{key}]");
+            } else {
+                let _ = write!(path, ".{key}");
+            }
+            if walk(child, depth + 1, path) {
+                return true;
+            }
+            path.truncate(len);
+        }
+        false
+    }
+    let mut path = name.to_owned();
+    walk(value, 0, &mut path).then(|| {
+        if path.chars().count() > 120 {
+            let tail: String = path.chars().rev().take(100).collect::<Vec<_>>().into_iter().rev().collect();
+            format!("{name}...{tail}")
+        } else {
+            path
+        }
+    })
 }

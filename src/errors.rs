@@ -115,16 +115,27 @@ pub enum Error {
         after: Duration,
     },
 
+    /// The command cannot be sent as it is (see [`Command::validate`](crate::Command::validate)); nothing
+    /// was sent and the worker is unchanged.
+    #[error("invalid command: {reason}")]
+    InvalidCommand {
+        /// What is wrong and where.
+        reason: String,
+    },
+
     /// A command ran longer than its timeout.
     #[error(
-        "command timed out after {after:?}; {}",
+        "{command} timed out after {}; {}",
+        humane(*after),
         if *worker_killed {
-            "it did not stop within the grace period, so the worker was killed"
+            "it did not stop within the grace period, so the worker was killed (a pool replaces it)"
         } else {
-            "it was stopped and the worker is still usable"
+            "it was stopped and the worker was kept"
         }
     )]
     Timeout {
+        /// The command's name (`<script>` for a script).
+        command: String,
         /// The timeout that was exceeded.
         after: Duration,
         /// Whether the worker had to be killed.
@@ -172,6 +183,12 @@ pub enum Error {
     /// The pool is shut down (or shutting down) and takes no more commands.
     #[error("the pool is closed")]
     PoolClosed,
+}
+
+/// `1.5 s`, `300 s`: durations as people write them in options.
+fn humane(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 { format!("{} s", ms / 1000) } else { format!("{} s", d.as_secs_f64()) }
 }
 
 fn first_message(records: &[ErrorRecord]) -> &str {

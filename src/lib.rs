@@ -13,7 +13,7 @@ pub mod retry;
 mod runspace;
 mod worker_files;
 
-pub use command::{Command, ParamValue};
+pub use command::{Command, MAX_VALUE_DEPTH, ParamValue, valid_parameter_name};
 pub use errors::{Error, Result, WorkerExit};
 pub use locate::{PWSH_ENV, find_pwsh};
 pub use protocol::{ModuleSpec, WorkerInfo};

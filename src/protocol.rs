@@ -95,9 +95,12 @@ pub(crate) struct Invoke<'a> {
 
 impl Serialize for Invoke<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(3))?;
+        let mut map = s.serialize_map(None)?;
         map.serialize_entry("t", "invoke")?;
         map.serialize_entry("id", &self.id)?;
+        if let Some(depth) = self.command.depth {
+            map.serialize_entry("depth", &depth)?;
+        }
         map.serialize_entry("pipeline", &Steps(&self.command.steps))?;
         map.end()
     }
@@ -194,14 +197,22 @@ pub(crate) enum Message {
 struct Envelope<'a> {
     t: &'a str,
     id: Option<u64>,
-    #[serde(borrow)]
+    /// Present for stream items; a JSON `null` here is a value (a `$null` output object), not a missing one.
+    #[serde(borrow, default, deserialize_with = "present")]
     v: Option<&'a RawValue>,
     #[serde(default)]
     types: Vec<String>,
     state: Option<PipelineState>,
     had_errors: Option<bool>,
     duration_ms: Option<f64>,
+    exit_code: Option<i32>,
+    native_exit_code: Option<i32>,
     message: Option<String>,
+}
+
+/// `Some` for any value the field holds, `null` included (serde's `Option` would make `null` a `None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Decodes one line from the worker.
@@ -220,6 +231,8 @@ pub(crate) fn decode(line: &str) -> Result<Message> {
             had_errors: envelope.had_errors.unwrap_or(false),
             state: envelope.state.ok_or_else(|| bad("done without state".into()))?,
             duration: Duration::from_secs_f64(envelope.duration_ms.unwrap_or(0.0).max(0.0) / 1000.0),
+            exit_code: envelope.exit_code,
+            native_exit_code: envelope.native_exit_code,
         };
         return Ok(Message::Done(id, completion));
     }
@@ -289,6 +302,10 @@ mod tests {
         assert!(matches!(m, Message::Item(3, StreamItem::Output(ref o)) if o.value == "x"));
         let m = decode(r#"{"t":"done","id":3,"state":"Stopped","had_errors":false,"duration_ms":1.5}"#).unwrap();
         assert!(matches!(m, Message::Done(3, c) if c.state == PipelineState::Stopped));
+        let m = decode(r#"{"t":"out","id":3,"types":[],"v":null}"#).unwrap();
+        assert!(matches!(m, Message::Item(3, StreamItem::Output(ref o)) if o.value.is_null()), "null is a value");
+        let m = decode(r#"{"t":"done","id":3,"state":"Completed","had_errors":false,"exit_code":5,"native_exit_code":2}"#).unwrap();
+        assert!(matches!(m, Message::Done(3, c) if c.exit_code == Some(5) && c.native_exit_code == Some(2)));
         let m = decode(r#"{"t":"ready","protocol":1,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":9}"#).unwrap();
         assert!(matches!(m, Message::Ready(ref i) if i.pid == 9));
     }

@@ -145,27 +145,63 @@ pub enum PipelineState {
 }
 
 /// How a command ended, apart from what it wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Completion {
-    /// What PowerShell's `HadErrors` says: any error record was written or a terminating error was thrown.
+    /// PowerShell's raw `HadErrors` flag. It is also set by errors that `-ErrorAction SilentlyContinue`
+    /// suppressed (the real `Connect-ExchangeOnline` succeeds with it set), so never judge success by it
+    /// alone: see [`InvocationResult::succeeded`].
     pub had_errors: bool,
     /// How the pipeline ended.
     pub state: PipelineState,
     /// Time spent running the pipeline inside the worker.
     pub duration: Duration,
+    /// The number a script passed to `exit` (`exit` alone is 0); `None` when it did not call `exit`.
+    pub exit_code: Option<i32>,
+    /// `$LASTEXITCODE` after the command, when a native program ran during it; `None` otherwise.
+    pub native_exit_code: Option<i32>,
+}
+
+impl Completion {
+    /// The half of [`InvocationResult::succeeded`] that does not need the error records: the command ran
+    /// to the end and did not `exit` with a number other than 0. A stream reader that saw no error item
+    /// and gets `true` here has a command that succeeded.
+    ///
+    /// ```
+    /// use psbridge::{Completion, PipelineState};
+    /// assert!(Completion { had_errors: true, ..Completion::default() }.ended_well());
+    /// assert!(!Completion { exit_code: Some(1), ..Completion::default() }.ended_well());
+    /// assert!(!Completion { state: PipelineState::Failed, ..Completion::default() }.ended_well());
+    /// ```
+    pub fn ended_well(&self) -> bool {
+        self.state == PipelineState::Completed && self.exit_code.unwrap_or(0) == 0
+    }
+}
+
+impl From<&InvocationResult> for Completion {
+    fn from(r: &InvocationResult) -> Self {
+        Completion {
+            had_errors: r.had_errors,
+            state: r.state,
+            duration: r.duration,
+            exit_code: r.exit_code,
+            native_exit_code: r.native_exit_code,
+        }
+    }
 }
 
 /// Everything a command produced, each stream kept apart and in order.
 ///
-/// This is what `PowerShell.Invoke()` plus `Streams` gives in C#: check [`had_errors`](Self::had_errors)
-/// and read [`errors`](Self::errors), as Microsoft's sample does.
+/// This is what `PowerShell.Invoke()` plus `Streams` gives in C#. Judge it with
+/// [`succeeded`](Self::succeeded) and read [`errors`](Self::errors); Microsoft's sample checks
+/// `HadErrors`, which PowerShell also sets for errors that were suppressed, so it is kept here only as
+/// the raw flag [`had_errors`](Self::had_errors).
 ///
 /// ```
 /// use psbridge::{InvocationResult, StreamItem};
 /// let mut r = InvocationResult::default();
 /// r.push(StreamItem::Warning("careful".into()));
 /// assert_eq!(r.warnings, ["careful"]);
-/// assert!(!r.had_errors);
+/// assert!(r.succeeded());
 /// ```
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct InvocationResult {
@@ -183,12 +219,18 @@ pub struct InvocationResult {
     pub information: Vec<InformationRecord>,
     /// Progress records.
     pub progress: Vec<ProgressRecord>,
-    /// PowerShell's `HadErrors`.
+    /// PowerShell's raw `HadErrors` flag; also set by suppressed errors. Use [`succeeded`](Self::succeeded)
+    /// to judge the command.
     pub had_errors: bool,
     /// How the pipeline ended (`Completed` until [`complete`](Self::complete) says otherwise).
     pub state: PipelineState,
     /// Time spent in the worker.
     pub duration: Duration,
+    /// The number a script passed to `exit` (`exit` alone is 0); `None` when it did not call `exit`.
+    /// `exit` ends the script, never the worker.
+    pub exit_code: Option<i32>,
+    /// `$LASTEXITCODE` after the command, when a native program ran during it; `None` otherwise.
+    pub native_exit_code: Option<i32>,
     /// How many times the command was run: 1 from a [`Runspace`](crate::Runspace); more when a
     /// [`RunspacePool`](crate::RunspacePool) retried it (throttling, a dead worker).
     pub attempts: u32,
@@ -213,5 +255,30 @@ impl InvocationResult {
         self.had_errors = completion.had_errors;
         self.state = completion.state;
         self.duration = completion.duration;
+        self.exit_code = completion.exit_code;
+        self.native_exit_code = completion.native_exit_code;
+    }
+
+    /// Whether the command succeeded: it wrote no error record, ended in the `Completed` state, and did
+    /// not `exit` with a number other than 0.
+    ///
+    /// This is psbridge's one rule for success: the connect step, a pool's retries, `psbridge run`'s
+    /// exit status and a batch item's status all follow it. PowerShell's `HadErrors` is not part of it,
+    /// because it is also set by errors that `-ErrorAction SilentlyContinue` suppressed. A native
+    /// program's exit code is reported in [`native_exit_code`](Self::native_exit_code) but, as in
+    /// `pwsh -File`, does not by itself fail the command.
+    ///
+    /// ```
+    /// use psbridge::{InvocationResult, PipelineState};
+    /// // a suppressed error: HadErrors set, nothing written
+    /// let quiet = InvocationResult { had_errors: true, ..Default::default() };
+    /// assert!(quiet.succeeded());
+    /// let exited = InvocationResult { exit_code: Some(5), ..Default::default() };
+    /// assert!(!exited.succeeded());
+    /// let failed = InvocationResult { state: PipelineState::Failed, ..Default::default() };
+    /// assert!(!failed.succeeded());
+    /// ```
+    pub fn succeeded(&self) -> bool {
+        self.errors.is_empty() && Completion::from(self).ended_well()
     }
 }

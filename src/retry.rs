@@ -56,7 +56,7 @@ const EXPIRED_MARKERS: &[&str] = &["httpstatuscode=401", "invalidauthenticationt
 /// assert_eq!(classify(&r), Some(Failure::Transient { retry_after: Some(std::time::Duration::from_secs(2)) }));
 /// ```
 pub fn classify(result: &InvocationResult) -> Option<Failure> {
-    if !result.had_errors {
+    if result.succeeded() {
         return None;
     }
     // The most actionable kind wins: one expired token means every record after it is noise.
@@ -206,8 +206,8 @@ mod tests {
         assert_eq!(classify(&r), Some(Failure::ExpiredToken));
         r.errors.truncate(1);
         assert_eq!(classify(&r), Some(Failure::Permanent));
-        r.had_errors = false;
-        assert_eq!(classify(&r), None);
+        r.errors.clear();
+        assert_eq!(classify(&r), None, "HadErrors without an error record (a suppressed error) is no failure");
     }
 
     #[test]

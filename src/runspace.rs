@@ -51,6 +51,7 @@ pub struct RunspaceBuilder {
     execution_policy: Option<String>,
     variables: Map<String, Value>,
     env: Vec<(OsString, OsString)>,
+    env_removed: Vec<OsString>,
     connect: Option<Command>,
     disconnect: Option<Command>,
     start_timeout: Duration,
@@ -74,6 +75,7 @@ impl Default for RunspaceBuilder {
             execution_policy: None,
             variables: Map::new(),
             env: Vec::new(),
+            env_removed: Vec::new(),
             connect: None,
             disconnect: None,
             start_timeout: Duration::from_secs(60),
@@ -131,6 +133,15 @@ impl RunspaceBuilder {
     /// owner's environment, inherited.
     pub fn env(mut self, name: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Removes a variable from the worker's environment, so that neither the session nor any program it
+    /// starts sees it: for example the variable a secret was read from. Default: nothing removed.
+    pub fn env_remove(mut self, name: impl Into<OsString>) -> Self {
+        let name = name.into();
+        self.env.retain(|(set, _)| set != &name);
+        self.env_removed.push(name);
         self
     }
 
@@ -257,6 +268,9 @@ impl RunspaceBuilder {
             command.env(TIERED_PGO, "0").env("PSBRIDGE_UNSET_TIERED_PGO", "1");
         }
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        for name in &self.env_removed {
+            command.env_remove(name);
+        }
         command
     }
 }
@@ -400,7 +414,12 @@ impl Runspace {
     /// }
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidCommand`] when [`Command::validate`] refuses the command (nothing is sent), or
+    /// the worker's exit when it is gone.
     pub fn invoke_stream(&mut self, command: &Command) -> Result<Invocation<'_>> {
+        command.validate()?;
         let timeout = command.timeout.or(self.limits.command_timeout);
         let request = |id| protocol::encode(&protocol::Invoke { id, command });
         self.begin(request, timeout, command.name())
@@ -483,7 +502,7 @@ impl Runspace {
         };
         let invocation = self.begin(setup, Some(config.start_timeout), "session set-up")?;
         let result = collect(invocation).await.map_err(|e| start_timeout(e, "session set-up", config.start_timeout))?;
-        if result.state != PipelineState::Completed || result.had_errors {
+        if !result.succeeded() {
             return Err(Error::ModuleImport { records: result.errors });
         }
         Ok(())
@@ -501,7 +520,9 @@ impl Runspace {
         for information in &result.information {
             tracing::debug!(command = connect.name(), message = ?information.message, "connect information");
         }
-        if result.had_errors || result.state != PipelineState::Completed {
+        // Judged by what was written and how it ended, never by HadErrors: the real Connect-ExchangeOnline
+        // 3.9.0 succeeds with HadErrors set by an error it suppressed itself.
+        if !result.succeeded() {
             let mut records = result.errors;
             mask_secrets(&mut records, &connect);
             return Err(Error::Connect { command: connect.name().to_owned(), records });
@@ -530,6 +551,7 @@ impl Runspace {
         tracing::debug!(pid = self.info.pid, id, command = name, "invoke");
         Ok(Invocation {
             id,
+            name: name.to_owned(),
             receiver,
             deadline: timeout.map(|t| (Instant::now() + t, t)),
             stopping: None,
@@ -628,6 +650,7 @@ enum StopCause {
 pub struct Invocation<'r> {
     runspace: &'r mut Runspace,
     id: u64,
+    name: String,
     receiver: mpsc::Receiver<Result<Event>>,
     deadline: Option<(Instant, Duration)>,
     stopping: Option<(StopCause, Instant)>,
@@ -696,7 +719,7 @@ impl Invocation<'_> {
                 *lock(&self.runspace.shared.running) = None;
                 match (self.stopping, completion.state) {
                     (Some((StopCause::Timeout(after), _)), PipelineState::Stopped) => {
-                        Err(Error::Timeout { after, worker_killed: false })
+                        Err(Error::Timeout { command: self.name.clone(), after, worker_killed: false })
                     }
                     (Some((StopCause::Cancel, _)), PipelineState::Stopped) => Err(Error::Cancelled { worker_killed: false }),
                     // Finished before the stop took effect: the result is complete and valid.
@@ -718,9 +741,9 @@ impl Invocation<'_> {
             StopCause::Cancel => "cancelled command did not stop within the grace period",
         };
         self.runspace.shared.monitor.kill_and_wait(reason).await;
-        self.completion = Some(Completion { had_errors: true, state: PipelineState::Stopped, duration: Duration::ZERO });
+        self.completion = Some(Completion { had_errors: true, state: PipelineState::Stopped, ..Completion::default() });
         match cause {
-            StopCause::Timeout(after) => Error::Timeout { after, worker_killed: true },
+            StopCause::Timeout(after) => Error::Timeout { command: self.name.clone(), after, worker_killed: true },
             StopCause::Cancel => Error::Cancelled { worker_killed: true },
         }
     }

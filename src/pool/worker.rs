@@ -13,6 +13,7 @@ use super::stats::{WorkerState, WorkerStats, resident_bytes};
 use super::{PoolShared, lock};
 use crate::command::Command;
 use crate::errors::{Error, Result};
+use crate::records::StreamItem;
 use crate::records::{Completion, InvocationResult};
 use crate::retry::{self, Failure};
 use crate::runspace::{CancelHandle, Runspace};
@@ -212,7 +213,7 @@ async fn execute(shared: &PoolShared, slot: &Slot, runspace: &mut Option<Runspac
         match reply {
             Reply::Collect(mut tx) => {
                 let outcome = run_collect(shared, slot, runspace, &command, &mut tx).await;
-                let failed = outcome.as_ref().map_or(true, |r| r.had_errors);
+                let failed = outcome.as_ref().map_or(true, |r| !r.succeeded());
                 let _ = tx.send(outcome);
                 failed
             }
@@ -300,10 +301,12 @@ async fn run_stream(
         };
         shared.pace().await;
         let mut sent_any = false;
+        let mut errors_seen = false;
         let outcome: Result<Completion> = async {
             let mut stream = rs.invoke_stream(command)?;
             while let Some(item) = stream.next_item().await? {
                 sent_any = true;
+                errors_seen |= matches!(item, StreamItem::Error(_));
                 if caller.send(Ok(Streamed::Item(item))).await.is_err() {
                     return Err(Error::Cancelled { worker_killed: false }); // dropping the stream stops it
                 }
@@ -314,7 +317,7 @@ async fn run_stream(
         match outcome {
             Ok(completion) => {
                 let _ = caller.send(Ok(Streamed::Done(completion))).await;
-                return completion.had_errors;
+                return errors_seen || !completion.ended_well();
             }
             Err(error) => {
                 let dead = drop_if_dead(slot, runspace);
@@ -356,7 +359,7 @@ async fn check_health(shared: &PoolShared, slot: &Slot, runspace: &mut Option<Ru
 
 /// No errors, no `false`, and no connection reported Broken or Expired.
 fn healthy(result: &InvocationResult) -> bool {
-    !result.had_errors
+    result.succeeded()
         && result.output.iter().all(|o| {
             o.value != serde_json::Value::Bool(false) && o.value["State"] != "Broken" && o.value["TokenStatus"] != "Expired"
         })
@@ -403,8 +406,16 @@ mod tests {
         assert!(healthy(&with_output(&[serde_json::json!({"State": "Connected", "TokenStatus": "Active"})])));
         assert!(!healthy(&with_output(&[serde_json::json!({"State": "Broken", "TokenStatus": "Active"})])));
         assert!(!healthy(&with_output(&[serde_json::json!({"State": "Connected", "TokenStatus": "Expired"})])));
-        let mut errors = with_output(&[]);
-        errors.had_errors = true;
+        let mut suppressed = with_output(&[serde_json::json!(true)]);
+        suppressed.had_errors = true;
+        assert!(healthy(&suppressed), "HadErrors alone (a suppressed error) is not a failure");
+        let mut errors = with_output(&[serde_json::json!(true)]);
+        errors.errors.push(serde_json::from_value(serde_json::json!({
+            "message": "the ping failed", "category": "NotSpecified", "terminating": false,
+            "exception_message": null, "exception_type": null, "fully_qualified_error_id": null, "activity": null,
+            "reason": null, "target_name": null, "target_type": null, "category_info": null, "target_object": null,
+            "script_stack_trace": null, "position_message": null, "command": null
+        })).unwrap());
         assert!(!healthy(&errors));
     }
 }

@@ -365,7 +365,7 @@ async fn check_connect(report: &mut Report, profile: &Profile, secrets: &mut Sec
         Some(check) => {
             let started = Instant::now();
             match runspace.invoke(&check).await {
-                Ok(result) if !result.had_errors => report.ok(
+                Ok(result) if result.succeeded() => report.ok(
                     "command",
                     format!("{}: {} object(s) in {:.0} ms", check.name(), result.output.len(), started.elapsed().as_secs_f64() * 1000.0),
                 ),

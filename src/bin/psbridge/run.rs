@@ -172,8 +172,11 @@ async fn execute(runspace: &mut Runspace, command: &Command, args: &RunArgs) -> 
             return EXIT_BRIDGE;
         }
     };
+    let mut errors_seen = false;
     loop {
-        match stream.next_item().await {
+        let item = stream.next_item().await;
+        errors_seen |= matches!(item, Ok(Some(StreamItem::Error(_))));
+        match item {
             Ok(Some(item)) if args.envelope => envelope.push(item),
             Ok(Some(StreamItem::Output(object))) => {
                 if let Err(error) = writer.write(object) {
@@ -196,5 +199,5 @@ async fn execute(runspace: &mut Runspace, command: &Command, args: &RunArgs) -> 
         eprintln!("psbridge: cannot write output: {error}");
         return EXIT_BRIDGE;
     }
-    if completion.had_errors { EXIT_COMMAND_ERRORS } else { EXIT_OK }
+    if errors_seen || !completion.ended_well() { EXIT_COMMAND_ERRORS } else { EXIT_OK }
 }

@@ -438,7 +438,7 @@ fn item_record(item: &Item, status: &str) -> Value {
 
 /// The result record of an item that ran.
 fn result_record(item: &Item, earlier_starts: u32, outcome: Result<InvocationResult, psbridge::Error>, elapsed: Duration) -> Value {
-    let succeeded = outcome.as_ref().is_ok_and(|result| !result.had_errors);
+    let succeeded = outcome.as_ref().is_ok_and(|result| result.succeeded());
     let mut record = item_record(item, if succeeded { "succeeded" } else { "failed" });
     let attempts = match outcome {
         Ok(result) => {
