@@ -295,11 +295,54 @@ fn too_deep(value: &Value, name: &str) -> Option<String> {
     }
     let mut path = name.to_owned();
     walk(value, 0, &mut path).then(|| {
-        if path.chars().count() > 120 {
-            let tail: String = path.chars().rev().take(100).collect::<Vec<_>>().into_iter().rev().collect();
-            format!("{name}...{tail}")
+        // A path 65 levels deep is long: its start and end say where it is.
+        let chars: Vec<char> = path.chars().collect();
+        if chars.len() > 120 {
+            let head: String = chars[..40].iter().collect();
+            let tail: String = chars[chars.len() - 60..].iter().collect();
+            format!("{head}...{tail}")
         } else {
             path
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worker_reads_requests_with_the_same_value_depth() {
+        let host = include_str!("../scripts/worker/PsBridgeHost.cs");
+        assert!(host.contains(&format!("public const int MaxValueDepth = {MAX_VALUE_DEPTH};")), "PsBridgeHost.cs and MAX_VALUE_DEPTH differ");
+    }
+
+    #[test]
+    fn validate_names_where_a_value_is_too_deep() {
+        let mut ok = serde_json::json!("leaf");
+        for _ in 0..MAX_VALUE_DEPTH {
+            ok = serde_json::json!({ "a": [ok] }).get("a").cloned().unwrap();
+        }
+        assert!(Command::script("param($V)").param("V", ok.clone()).validate().is_ok(), "{MAX_VALUE_DEPTH} levels pass");
+        let deep = serde_json::json!({ "k": ok });
+        let error = Command::new("X").param("V", deep).validate().unwrap_err().to_string();
+        assert!(error.contains("parameter V") && error.contains("too deep") && error.contains("V.k[0]"), "{error}");
+    }
+
+    #[test]
+    fn validate_refuses_names_powershell_would_refuse() {
+        for bad in ["", "1st", "a b", "a-b", "-Identity"] {
+            assert!(Command::new("Get-Mailbox").param(bad, 1).validate().is_err(), "{bad:?}");
+        }
+        let piped = Command::new("Get-Mailbox").pipe("Select-Object").param("First", 1).param("FIRST", 2);
+        let error = piped.validate().unwrap_err().to_string();
+        assert!(error.contains("given twice") && error.contains("pipeline step 2"), "{error}");
+        assert!(Command::new(" ").validate().is_err());
+    }
+
+    #[test]
+    fn idempotence_by_name_survives_multibyte_names() {
+        assert!(!Command::new("aéé").is_idempotent());
+        assert!(Command::new("GET-Mailbox").is_idempotent());
+    }
 }

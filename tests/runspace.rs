@@ -211,8 +211,8 @@ async fn parameter_values_are_inert_data() {
         let r = rs.invoke(&Command::script("param($x) \"[$x]\"").param("x", value.as_str())).await.unwrap();
         assert_eq!(r.output[0].value, json!(format!("[{value}]")));
         // as a parameter *name* it is an error, not code
-        let r = rs.invoke(&Command::new("Get-Date").param(value.as_str(), 1)).await.unwrap();
-        assert!(r.had_errors);
+        let refused = rs.invoke(&Command::new("Get-Date").param(value.as_str(), 1)).await.unwrap_err();
+        assert!(matches!(refused, Error::InvalidCommand { .. }), "{refused}");
     }
     assert!(marker.path().exists(), "no value was executed");
     assert!(common::alive(rs.pid()), "no value ended the worker");
@@ -286,20 +286,42 @@ async fn what_if_reports_and_changes_nothing() {
 }
 
 #[tokio::test]
-async fn prompts_fail_fast_instead_of_blocking() {
+async fn confirmations_are_declined_and_other_prompts_fail_fast() {
     let mut rs = common::plain().await;
+    // What a guarded removal looks like: throwing from the prompt would end only the `if`, and the
+    // removal after it would run; the host must answer No.
     let define = r#"function global:Remove-Thing { [CmdletBinding(SupportsShouldProcess, ConfirmImpact = 'High')] param()
-                    if ($PSCmdlet.ShouldProcess('thing')) { 'removed' } }"#;
+                    if ($PSCmdlet.ShouldProcess('thing')) { 'removed' }
+                    'went on' }
+                    function global:Clear-Thing { [CmdletBinding()] param()
+                    if ($PSCmdlet.ShouldContinue('Clear everything?', 'Clearing')) { 'cleared' } }"#;
     rs.invoke(&Command::script(define)).await.unwrap();
     let limit = Duration::from_secs(30);
     let r = tokio::time::timeout(limit, rs.invoke(&Command::new("Remove-Thing"))).await.expect("no hang").unwrap();
-    assert!(r.had_errors, "{r:?}");
-    assert!(r.errors[0].message.contains("-Confirm:$false"), "{:?}", r.errors[0]);
+    let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(outputs, [json!("went on")], "declined: the guarded action did not run, the rest did");
+    assert!(!r.succeeded());
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    let declined = &r.errors[0];
+    assert_eq!(declined.fully_qualified_error_id.as_deref(), Some("PsBridgeConfirmationDeclined"));
+    assert!(declined.message.contains("declined") && declined.message.contains("-Confirm:$false"), "{declined:?}");
+    assert!(declined.message.contains("thing"), "names what was declined: {declined:?}");
+    let r = tokio::time::timeout(limit, rs.invoke(&Command::new("Clear-Thing"))).await.expect("no hang").unwrap();
+    assert!(r.output.is_empty() && r.errors[0].fully_qualified_error_id.as_deref() == Some("PsBridgeConfirmationDeclined"), "{r:?}");
     let r = rs.invoke(&Command::new("Remove-Thing").param("Confirm", false)).await.unwrap();
     assert_eq!(r.output[0].value, "removed");
-    let r = tokio::time::timeout(limit, rs.invoke(&Command::script("Read-Host 'name?'"))).await.expect("no hang").unwrap();
-    assert!(r.had_errors);
-    assert!(r.errors[0].message.contains("non-interactive"), "{:?}", r.errors[0]);
+    assert!(r.succeeded());
+    for (script, shown) in [
+        ("Read-Host 'Your name?'", "Your name?"),
+        ("Read-Host 'Token' -AsSecureString", "Token"),
+        ("Get-Credential -UserName admin -Message 'Sign in to contoso'", "Sign in to contoso"),
+        ("$Host.UI.PromptForChoice('Pick a colour', 'which?', [System.Management.Automation.Host.ChoiceDescription[]]@('&Red', '&Blue'), 0)", "Pick a colour"),
+    ] {
+        let r = tokio::time::timeout(limit, rs.invoke(&Command::script(script))).await.expect("no hang").unwrap();
+        assert!(!r.succeeded(), "{script}");
+        let message = &r.errors[0].message;
+        assert!(message.contains("non-interactive") && message.contains(shown), "{script}: {message}");
+    }
 }
 
 #[tokio::test]
@@ -308,8 +330,112 @@ async fn exit_in_a_command_ends_the_command_not_the_worker() {
     let r = rs.invoke(&Command::script("'before'; exit 3; 'after'")).await.unwrap();
     let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
     assert_eq!(outputs, [json!("before")]);
+    assert_eq!(r.exit_code, Some(3));
+    assert!(!r.succeeded(), "exit 3 is a failure");
     let r = rs.invoke(&Command::script("'still here'")).await.unwrap();
     assert_eq!(r.output[0].value, "still here");
+    assert_eq!(r.exit_code, None, "the exit code belongs to the command that exited");
+    let r = rs.invoke(&Command::script("exit")).await.unwrap();
+    assert_eq!(r.exit_code, Some(0));
+    assert!(r.succeeded());
+}
+
+#[tokio::test]
+async fn exit_in_a_script_file_ends_it_as_pwsh_file_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("seven.ps1");
+    std::fs::write(&script, "'in seven'\nexit 7\n'never'\n").unwrap();
+    let inner = dir.path().join("outer.ps1");
+    std::fs::write(&inner, format!("& '{}'\n\"after: $LASTEXITCODE\"\n", script.display())).unwrap();
+    let mut rs = common::plain().await;
+    let r = rs.invoke(&Command::new(script.display().to_string())).await.unwrap();
+    let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(outputs, [json!("in seven")]);
+    assert_eq!(r.exit_code, Some(7), "{r:?}");
+    // Called from another script, `exit` ends only that script, as in pwsh.
+    let r = rs.invoke(&Command::new(inner.display().to_string())).await.unwrap();
+    let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(outputs, [json!("in seven"), json!("after: 7")]);
+    assert_eq!(r.exit_code, None, "{r:?}");
+    // The switch that made the first one end the pipeline does not leak into the next command.
+    let r = rs.invoke(&Command::script(format!("& '{}'; 'went on'", script.display()))).await.unwrap();
+    assert_eq!(r.output.last().unwrap().value, "went on", "{r:?}");
+}
+
+#[tokio::test]
+async fn native_exit_codes_are_reported_per_command() {
+    let mut rs = common::plain().await;
+    let r = rs.invoke(&Command::script("/bin/sh -c 'exit 3'; 'after'")).await.unwrap();
+    assert_eq!(r.native_exit_code, Some(3));
+    assert_eq!(r.exit_code, None);
+    assert!(r.succeeded(), "as with pwsh -File, a native exit code alone does not fail the command: {r:?}");
+    let r = rs.invoke(&Command::script("'no native program'")).await.unwrap();
+    assert_eq!(r.native_exit_code, None, "an earlier command's $LASTEXITCODE is not this one's");
+    let r = rs.invoke(&Command::script("/bin/true")).await.unwrap();
+    assert_eq!(r.native_exit_code, Some(0));
+}
+
+#[tokio::test]
+async fn null_is_a_value_on_every_path() {
+    let mut rs = common::plain().await;
+    let r = rs.invoke(&Command::script("$null; Write-Output $null; @{ k = $null; a = @(1, $null) }; $h = @{}; $h['missing']")).await.unwrap();
+    let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(outputs, [json!(null), json!(null), json!({"k": null, "a": [1, null]}), json!(null)]);
+    assert!(r.succeeded());
+    let r = rs.invoke(&Command::script("param($V) ,$V").param("V", json!(null))).await.unwrap();
+    assert_eq!(r.output.len(), 1);
+    assert!(r.output[0].value.is_null());
+}
+
+#[tokio::test]
+async fn a_suppressed_error_sets_had_errors_but_is_no_failure() {
+    let mut rs = common::plain().await;
+    let r = rs.invoke(&Command::script("Get-Item /nonexistent -ErrorAction SilentlyContinue; 'ok'")).await.unwrap();
+    assert!(r.had_errors, "PowerShell's raw flag, as the real Connect-ExchangeOnline leaves it");
+    assert!(r.errors.is_empty());
+    assert!(r.succeeded());
+}
+
+#[tokio::test]
+async fn output_cut_at_the_depth_is_warned_about() {
+    let mut rs = common::builder().depth(2).open().await.unwrap();
+    let script = "[pscustomobject]@{ Name = 'x'; Inner = @{ Deeper = @{ Deepest = 1 } }; List = ,(,(,1)) }";
+    let r = rs.invoke(&Command::script(script)).await.unwrap();
+    assert_eq!(r.output[0].value["Inner"]["Deeper"], "System.Collections.Hashtable");
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    let warning = &r.warnings[0];
+    assert!(warning.contains("Inner.Deeper") && warning.contains("List[0]") && warning.contains("depth 2"), "{warning}");
+    let r = rs.invoke(&Command::script(script).depth(5)).await.unwrap();
+    assert_eq!(r.output[0].value["Inner"]["Deeper"]["Deepest"], 1, "a command's own depth wins");
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+}
+
+#[tokio::test]
+async fn numbers_beyond_64_bits_arrive_exact_and_bad_values_name_their_parameter() {
+    let mut rs = common::plain().await;
+    for text in ["9223372036854775807", "18446744073709551615", "1180591620717411303424", "-1267650600228229401496703205376"] {
+        let value: serde_json::Value = serde_json::from_str(text).unwrap();
+        let r = rs.invoke(&Command::script("param($V) ,$V").param("V", value)).await.unwrap();
+        assert_eq!(r.output[0].value.to_string(), text, "{text} came back rounded");
+    }
+    let tagged = json!({"$psbridge": "nope", "value": 1});
+    let r = rs.invoke(&Command::script("param($Thing) $Thing").param("Thing", tagged)).await.unwrap();
+    assert!(!r.succeeded());
+    assert!(r.errors[0].message.contains("parameter Thing") && r.errors[0].message.contains("nope"), "{:?}", r.errors[0]);
+}
+
+#[tokio::test]
+async fn values_too_deep_are_refused_before_sending_and_the_deepest_allowed_arrive() {
+    let mut rs = common::plain().await;
+    let mut value = json!("leaf");
+    for _ in 0..psbridge::MAX_VALUE_DEPTH {
+        value = json!([value]);
+    }
+    let r = rs.invoke(&Command::script("param($V) $V | ConvertTo-Json -Depth 100 -Compress").param("V", value.clone())).await.unwrap();
+    assert!(r.succeeded(), "{:?}", r.errors);
+    let error = rs.invoke(&Command::script("param($V) 1").param("V", json!([value]))).await.unwrap_err();
+    assert!(matches!(error, Error::InvalidCommand { .. }) && error.to_string().contains("too deep"), "{error}");
+    assert_eq!(rs.invoke(&Command::script("'alive'")).await.unwrap().output[0].value, "alive");
 }
 
 #[tokio::test]
@@ -359,7 +485,8 @@ async fn timeout_stops_a_stoppable_command_and_keeps_the_worker() {
     let pid = rs.pid();
     let r = rs.invoke(&Command::script("Start-Sleep -Seconds 60").timeout(Duration::from_secs(1))).await;
     assert!(matches!(r, Err(Error::Timeout { worker_killed: false, .. })), "{r:?}");
-    assert!(r.unwrap_err().to_string().contains("worker is still usable"));
+    let message = r.unwrap_err().to_string();
+    assert!(message.contains("<script> timed out after 1 s") && message.contains("worker was kept"), "{message}");
     let r = rs.invoke(&Command::script("'alive'")).await.unwrap();
     assert_eq!(r.output[0].value, "alive");
     assert_eq!(rs.pid(), pid);

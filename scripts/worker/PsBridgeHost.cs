@@ -40,6 +40,13 @@ namespace PsBridge
     {
         public const int Version = 1;
 
+        /// <summary>How deeply arrays and objects may nest in one parameter value: psbridge::MAX_VALUE_DEPTH
+        /// in src/command.rs, which refuses deeper values before sending (a unit test keeps the two equal).</summary>
+        public const int MaxValueDepth = 64;
+
+        /// <summary>The request's own levels around a value: message, pipeline, step, parameters.</summary>
+        public const int RequestDepth = MaxValueDepth + 4;
+
         private static readonly object Gate = new object();
         private static readonly ArrayBufferWriter<byte> Buffer = new ArrayBufferWriter<byte>(64 * 1024);
         private static readonly JsonWriterOptions WriterOptions = new JsonWriterOptions
@@ -229,7 +236,7 @@ namespace PsBridge
 
         private static Request Parse(string line)
         {
-            var doc = JsonDocument.Parse(line);
+            var doc = JsonDocument.Parse(line, new JsonDocumentOptions { MaxDepth = Protocol.RequestDepth });
             var root = doc.RootElement;
             var request = new Request { Type = root.GetProperty("t").GetString(), Body = root };
             if (root.TryGetProperty("id", out var id) && id.ValueKind == JsonValueKind.Number) request.Id = id.GetInt64();
@@ -240,7 +247,9 @@ namespace PsBridge
     /// <summary>Turns protocol parameter values into the .NET values cmdlets bind to.</summary>
     /// <remarks>
     /// JSON has no dates, secure strings or byte arrays, so those travel as {"$psbridge": kind, "value": ...}.
-    /// Objects become hashtables, arrays object[]; numbers become int when they fit, else long, else double.
+    /// Objects become hashtables, arrays object[]. Numbers follow PowerShell's rules for literals: an integer
+    /// is int when it fits, else long, else decimal, else BigInteger (always exact, never rounded to a
+    /// double); a number with a fraction or an exponent is double.
     /// </remarks>
     public static class Values
     {
@@ -253,10 +262,7 @@ namespace PsBridge
                 case JsonValueKind.True: return true;
                 case JsonValueKind.False: return false;
                 case JsonValueKind.String: return e.GetString();
-                case JsonValueKind.Number:
-                    if (e.TryGetInt32(out var i)) return i;
-                    if (e.TryGetInt64(out var l)) return l;
-                    return e.GetDouble();
+                case JsonValueKind.Number: return Number(e);
                 case JsonValueKind.Array:
                     var list = new object[e.GetArrayLength()];
                     int n = 0;
@@ -267,6 +273,30 @@ namespace PsBridge
                     var table = new Hashtable(StringComparer.OrdinalIgnoreCase);
                     foreach (var p in e.EnumerateObject()) table[p.Name] = From(p.Value);
                     return table;
+            }
+        }
+
+        private static object Number(JsonElement e)
+        {
+            if (e.TryGetInt32(out var i)) return i;
+            if (e.TryGetInt64(out var l)) return l;
+            string raw = e.GetRawText();
+            if (raw.IndexOfAny(new[] { '.', 'e', 'E' }) < 0)
+            {
+                if (decimal.TryParse(raw, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var m)) return m;
+                return System.Numerics.BigInteger.Parse(raw, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture);
+            }
+            if (e.TryGetDouble(out var d)) return d;
+            throw new ArgumentException("the number " + raw + " is beyond the range of a double");
+        }
+
+        /// <summary>A parameter's value; a value that cannot be read names the parameter.</summary>
+        public static object Parameter(string name, JsonElement e)
+        {
+            try { return From(e); }
+            catch (Exception ex) when (ex is ArgumentException || ex is FormatException || ex is InvalidOperationException || ex is OverflowException)
+            {
+                throw new ArgumentException("parameter " + name + ": " + ex.Message, ex);
             }
         }
 
@@ -284,20 +314,67 @@ namespace PsBridge
                     var parsed = DateTimeOffset.Parse(value.GetString(), CultureInfo.InvariantCulture, DateTimeStyles.RoundtripKind);
                     return parsed.Offset == TimeSpan.Zero ? parsed.UtcDateTime : parsed.LocalDateTime;
                 case "bytes": return Convert.FromBase64String(value.GetString());
-                default: throw new ArgumentException("unknown tagged value kind '" + kind + "'");
+                default:
+                    throw new ArgumentException("unknown value tag {\"$psbridge\": \"" + kind + "\"}; the tags are securestring, secret, datetime and bytes");
             }
         }
     }
 
     /// <summary>Writes PowerShell objects as JSON: property names and values, depth-bounded, cycle-safe.</summary>
-    public static class Serializer
+    /// <remarks>
+    /// One per request (its depth is the session's, or the request's own). What is nested deeper than the
+    /// depth is written as its ToString(), as ConvertTo-Json does; unlike ConvertTo-Json, each cut is
+    /// remembered with the path of the property it was in, so that the request can warn about it.
+    /// </remarks>
+    public sealed class Serializer
     {
-        public static int MaxDepth = 4;
+        /// <summary>How many cut paths one warning names; the rest are counted.</summary>
+        private const int CutsNamed = 5;
 
-        public static void WriteObject(Utf8JsonWriter w, object value)
+        private readonly int maxDepth;
+        private readonly HashSet<object> path = new HashSet<object>(ReferenceEqualityComparer.Instance);
+        // Property names and indexes from the object's root to the value being written; a string is built
+        // only when something is cut, so the common case costs a push and a pop per value.
+        private readonly List<object> names = new List<object>();
+        private readonly List<string> cuts = new List<string>();
+        private int cutCount;
+
+        public Serializer(int maxDepth) { this.maxDepth = maxDepth; }
+
+        public int MaxDepth => maxDepth;
+
+        public void WriteObject(Utf8JsonWriter w, object value)
         {
-            var path = new HashSet<object>(ReferenceEqualityComparer.Instance);
-            Write(w, value, 0, path);
+            path.Clear();
+            names.Clear();
+            Write(w, value, 0);
+        }
+
+        /// <summary>The warning for what the last objects lost to the depth limit, or null; then forgets them.</summary>
+        public string TakeCutWarning(object value)
+        {
+            if (cutCount == 0) return null;
+            string type = value is PSObject pso && pso.TypeNames.Count > 0 ? pso.TypeNames[0] : value?.GetType().FullName ?? "null";
+            string more = cutCount > cuts.Count ? " and " + (cutCount - cuts.Count) + " more" : "";
+            string text = "psbridge: " + type + ": " + string.Join(", ", cuts) + more + (cutCount == 1 ? " is" : " are") +
+                " nested deeper than the serialization depth " + maxDepth + " and arrived as text (its ToString()); " +
+                "raise the depth (--depth, the profile's depth, RunspaceBuilder::depth or Command::depth) or select the properties you need";
+            cuts.Clear();
+            cutCount = 0;
+            return text;
+        }
+
+        private void NoteCut()
+        {
+            cutCount++;
+            if (cuts.Count >= CutsNamed) return;
+            var text = new StringBuilder();
+            foreach (var name in names)
+            {
+                if (name is int index) text.Append('[').Append(index).Append(']');
+                else { if (text.Length > 0) text.Append('.'); text.Append(name); }
+            }
+            cuts.Add(text.Length == 0 ? "the object" : text.ToString());
         }
 
         public static void WriteTypeNames(Utf8JsonWriter w, object value)
@@ -308,7 +385,7 @@ namespace PsBridge
             w.WriteEndArray();
         }
 
-        private static void Write(Utf8JsonWriter w, object value, int depth, HashSet<object> path)
+        private void Write(Utf8JsonWriter w, object value, int depth)
         {
             if (value == null || value is DBNull || value == System.Management.Automation.Internal.AutomationNull.Value) { w.WriteNullValue(); return; }
             var pso = value as PSObject;
@@ -319,13 +396,19 @@ namespace PsBridge
             bool custom = baseObject is PSCustomObject && pso != null;
             object identity = custom ? pso : baseObject;
             // Containers and complex objects: cut at the depth limit and on cycles, as ConvertTo-Json does.
-            if (depth >= MaxDepth || !path.Add(identity)) { w.WriteStringValue(SafeToString(identity)); return; }
+            if (depth >= maxDepth)
+            {
+                NoteCut();
+                w.WriteStringValue(SafeToString(identity));
+                return;
+            }
+            if (!path.Add(identity)) { w.WriteStringValue(SafeToString(identity)); return; } // a cycle: its text
             try
             {
-                if (custom) WriteProperties(w, pso, depth, path);
-                else if (baseObject is IDictionary dictionary) WriteDictionary(w, dictionary, depth, path);
-                else if (baseObject is IEnumerable enumerable) WriteArray(w, enumerable, depth, path);
-                else WriteProperties(w, pso ?? PSObject.AsPSObject(baseObject), depth, path);
+                if (custom) WriteProperties(w, pso, depth);
+                else if (baseObject is IDictionary dictionary) WriteDictionary(w, dictionary, depth);
+                else if (baseObject is IEnumerable enumerable) WriteArray(w, enumerable, depth);
+                else WriteProperties(w, pso ?? PSObject.AsPSObject(baseObject), depth);
             }
             finally { path.Remove(identity); }
         }
@@ -380,7 +463,7 @@ namespace PsBridge
             return new DateTimeOffset(local).ToString("yyyy-MM-dd'T'HH:mm:ss.FFFFFFFzzz", CultureInfo.InvariantCulture);
         }
 
-        private static void WriteProperties(Utf8JsonWriter w, PSObject pso, int depth, HashSet<object> path)
+        private void WriteProperties(Utf8JsonWriter w, PSObject pso, int depth)
         {
             w.WriteStartObject();
             foreach (var property in pso.Properties)
@@ -390,27 +473,36 @@ namespace PsBridge
                 try { value = property.Value; }
                 catch (Exception) { value = null; } // a getter that throws must not lose the whole object
                 w.WritePropertyName(property.Name);
-                Write(w, value, depth + 1, path);
+                WriteNamed(w, property.Name, value, depth);
             }
             w.WriteEndObject();
         }
 
-        private static void WriteDictionary(Utf8JsonWriter w, IDictionary dictionary, int depth, HashSet<object> path)
+        private void WriteDictionary(Utf8JsonWriter w, IDictionary dictionary, int depth)
         {
             w.WriteStartObject();
             foreach (DictionaryEntry entry in dictionary)
             {
-                w.WritePropertyName(SafeToString(entry.Key));
-                Write(w, entry.Value, depth + 1, path);
+                string key = SafeToString(entry.Key);
+                w.WritePropertyName(key);
+                WriteNamed(w, key, entry.Value, depth);
             }
             w.WriteEndObject();
         }
 
-        private static void WriteArray(Utf8JsonWriter w, IEnumerable items, int depth, HashSet<object> path)
+        private void WriteArray(Utf8JsonWriter w, IEnumerable items, int depth)
         {
             w.WriteStartArray();
-            foreach (var item in items) Write(w, item, depth + 1, path);
+            int index = 0;
+            foreach (var item in items) WriteNamed(w, index++, item, depth);
             w.WriteEndArray();
+        }
+
+        private void WriteNamed(Utf8JsonWriter w, object name, object value, int depth)
+        {
+            names.Add(name);
+            Write(w, value, depth + 1);
+            names.RemoveAt(names.Count - 1);
         }
 
         private static string SafeToString(object o)
@@ -490,8 +582,8 @@ namespace PsBridge
         public override void ExitNestedPrompt() => throw BridgeHostUI.NonInteractive("a nested prompt");
         public override void NotifyBeginApplication() { }
         public override void NotifyEndApplication() { }
-        // `exit` in a command ends that command, never the worker.
-        public override void SetShouldExit(int exitCode) { }
+        // `exit N` in a command ends that command, never the worker; N is the request's exit code.
+        public override void SetShouldExit(int exitCode) => Executor.NoteExit(exitCode);
 
         /// <summary>Sends what was written without a newline at the end of a request.</summary>
         public void Flush() => ui.Flush();
@@ -541,9 +633,18 @@ namespace PsBridge
 
         public void Flush()
         {
-            string rest;
-            lock (pending) { rest = pending.ToString(); pending.Clear(); }
+            string rest = TakePending();
             if (rest.Length > 0) Emit(rest);
+        }
+
+        private string TakePending()
+        {
+            lock (pending)
+            {
+                string text = pending.ToString();
+                pending.Clear();
+                return text;
+            }
         }
 
         private static void Emit(string text)
@@ -564,19 +665,48 @@ namespace PsBridge
         }
 
         public static PSInvalidOperationException NonInteractive(string what) => new PSInvalidOperationException(
-            "psbridge workers are non-interactive and cannot show " + what + ". Pass the value as a parameter " +
-            "(for a confirmation, -Confirm:$false).");
+            "psbridge workers are non-interactive and cannot show " + what + ". Pass the value as a parameter instead.");
 
-        public override string ReadLine() => throw NonInteractive("a prompt for input");
-        public override SecureString ReadLineAsSecureString() => throw NonInteractive("a prompt for a secret");
-        public override Dictionary<string, PSObject> Prompt(string caption, string message, Collection<FieldDescription> descriptions) =>
-            throw NonInteractive("a prompt (" + caption + ": " + message + ")");
-        public override int PromptForChoice(string caption, string message, Collection<ChoiceDescription> choices, int defaultChoice) =>
-            throw NonInteractive("a confirmation prompt (" + caption + ": " + message + ")");
+        /// <summary>What the prompt showed, for the message: its caption, message and field names, non-empty ones.</summary>
+        private static string Shown(params string[] parts)
+        {
+            var shown = string.Join(": ", Array.FindAll(parts, p => !string.IsNullOrWhiteSpace(p)));
+            return shown.Length == 0 ? "" : " (" + shown + ")";
+        }
+
+        // Read-Host without -Prompt writes its prompt through Write() first; it is the pending text.
+        public override string ReadLine() => throw NonInteractive("a prompt for input" + Shown(TakePending()));
+        public override SecureString ReadLineAsSecureString() => throw NonInteractive("a prompt for a secret" + Shown(TakePending()));
+        public override Dictionary<string, PSObject> Prompt(string caption, string message, Collection<FieldDescription> descriptions)
+        {
+            var fields = new List<string>();
+            foreach (var field in descriptions) fields.Add(string.IsNullOrEmpty(field.Label) ? field.Name : field.Label);
+            throw NonInteractive("a prompt for input" + Shown(caption, message, string.Join(", ", fields)));
+        }
+
+        /// <summary>
+        /// A confirmation (ShouldProcess, ShouldContinue, or any choice with a No) is answered No: throwing
+        /// here would end only the `if ($PSCmdlet.ShouldProcess(...))` statement that asked, and the script
+        /// would go on to do what was not confirmed. The decline is reported as an error record.
+        /// Other choice prompts (no No to pick) fail at once.
+        /// </summary>
+        public override int PromptForChoice(string caption, string message, Collection<ChoiceDescription> choices, int defaultChoice)
+        {
+            int no = -1;
+            for (int i = 0; i < choices.Count; i++)
+            {
+                if (string.Equals(choices[i].Label.Replace("&", ""), "No", StringComparison.OrdinalIgnoreCase)) { no = i; break; }
+            }
+            if (no < 0) throw NonInteractive("a choice prompt" + Shown(caption, message));
+            Executor.ReportDeclined(caption, message);
+            return no;
+        }
+
         public override PSCredential PromptForCredential(string caption, string message, string userName, string targetName) =>
-            throw NonInteractive("a credential prompt");
+            throw NonInteractive("a credential prompt" + Shown(caption, message, userName));
         public override PSCredential PromptForCredential(string caption, string message, string userName, string targetName,
-            PSCredentialTypes allowedCredentialTypes, PSCredentialUIOptions options) => throw NonInteractive("a credential prompt");
+            PSCredentialTypes allowedCredentialTypes, PSCredentialUIOptions options) =>
+            throw NonInteractive("a credential prompt" + Shown(caption, message, userName));
     }
 
     /// <summary>A fixed 120-column screen, so that formatting cmdlets have a width to work with.</summary>
@@ -611,9 +741,33 @@ namespace PsBridge
         private static PowerShell current;
         private static long currentId = -1;
         private static bool errorsWritten;
+        private static int sessionDepth = 4;
+        private static int? exitCode;
+        // Where PowerShell keeps the switch that makes `exit` in a script file end the whole pipeline (as
+        // under `pwsh -File`) instead of only that script; null where this PowerShell has no such member.
+        private static readonly System.Reflection.PropertyInfo ExecutionContextProperty =
+            typeof(Runspace).Assembly.GetType("System.Management.Automation.Runspaces.LocalRunspace")
+                ?.GetProperty("ExecutionContext", System.Reflection.BindingFlags.NonPublic | System.Reflection.BindingFlags.Instance);
 
         /// <summary>The id of the running request, or -1.</summary>
         public static long CurrentId { get { lock (CurrentGate) return currentId; } }
+
+        /// <summary>Called by the host when the running script calls `exit N`: the request ends with that code.</summary>
+        public static void NoteExit(int code) => exitCode = code;
+
+        /// <summary>Reports a confirmation the host declined, in the running request's error stream.</summary>
+        public static void ReportDeclined(string caption, string message)
+        {
+            long id = CurrentId;
+            if (id < 0) return;
+            string what = string.IsNullOrEmpty(message) ? caption : caption + ": " + message;
+            var exception = new OperationCanceledException(
+                "psbridge declined a confirmation it cannot show (" + what + "); nothing was done. " +
+                "Pass -Confirm:$false to confirm without a prompt (or -Force where the command has it).");
+            var record = new ErrorRecord(exception, "PsBridgeConfirmationDeclined", ErrorCategory.OperationStopped, caption);
+            SendError(id, record, false);
+            errorsWritten = true;
+        }
 
         public static void SendReady()
         {
@@ -670,7 +824,7 @@ namespace PsBridge
             var watch = Stopwatch.StartNew();
             var body = request.Body;
             var iss = InitialSessionState.CreateDefault2();
-            if (body.TryGetProperty("depth", out var depth)) Serializer.MaxDepth = depth.GetInt32();
+            if (body.TryGetProperty("depth", out var depth)) sessionDepth = depth.GetInt32();
             if (body.TryGetProperty("modules", out var modules))
             {
                 foreach (var module in modules.EnumerateArray()) iss.ImportPSModule(new[] { ModuleSpec(module) });
@@ -730,16 +884,21 @@ namespace PsBridge
             ps.Runspace = runspace;
             bool terminatingSent = false;
             errorsWritten = false;
+            exitCode = null;
+            var body = request.Body;
+            var serializer = new Serializer(body.TryGetProperty("depth", out var depth) ? depth.GetInt32() : sessionDepth);
             try
             {
-                Build(ps, request.Body);
+                Build(ps, body);
                 Attach(ps, id);
                 var output = new PSDataCollection<PSObject>();
                 output.DataAdded += (sender, e) =>
                 {
                     // ReadAll removes what was sent: the collection never holds more than one object.
-                    foreach (var item in output.ReadAll()) SendOutput(id, item);
+                    foreach (var item in output.ReadAll()) SendOutput(id, item, serializer);
                 };
+                ForgetLastExitCode();
+                RethrowExitFromScriptFile(FirstCommand(body));
                 lock (CurrentGate) { current = ps; currentId = id; }
                 ps.Invoke<PSObject, PSObject>(null, output, null);
             }
@@ -757,14 +916,50 @@ namespace PsBridge
             finally
             {
                 Host.Flush();
+                RethrowExitFromScriptFile(null);
                 lock (CurrentGate) { current = null; currentId = -1; }
             }
             string state = ps.InvocationStateInfo.State == PSInvocationState.Stopped ? "Stopped"
                 : terminatingSent ? "Failed" : "Completed";
             // PowerShell's HadErrors reads the error collection, which the handler above empties as it
             // sends; so "an error record was written" is tracked here as well.
-            SendDone(id, state, ps.HadErrors || errorsWritten || terminatingSent, watch.Elapsed.TotalMilliseconds);
+            SendDone(id, state, ps.HadErrors || errorsWritten || terminatingSent, watch.Elapsed.TotalMilliseconds, exitCode, NativeExitCode());
         }
+
+        /// <summary>The first step's command name, or null for a script.</summary>
+        private static string FirstCommand(JsonElement body)
+        {
+            foreach (var step in body.GetProperty("pipeline").EnumerateArray())
+            {
+                return step.TryGetProperty("command", out var command) ? command.GetString() : null;
+            }
+            return null;
+        }
+
+        /// <summary>
+        /// `exit N` in a script file run as the request's command ends the request with N, as `pwsh -File`
+        /// does; PowerShell's default for a hosted pipeline is to end only the script and set $LASTEXITCODE.
+        /// </summary>
+        /// <remarks>
+        /// The switch is an internal of PowerShell's ExecutionContext that the console host sets for -File.
+        /// It is consumed by the next script command processor PowerShell creates, so it is set only when
+        /// the first command is a .ps1 (that processor is the script's own) and cleared after every request,
+        /// so that it can never leak into a later one. Where the member is missing, `exit` in a script file
+        /// only sets $LASTEXITCODE, as it does in any hosted pipeline.
+        /// </remarks>
+        private static void RethrowExitFromScriptFile(string command)
+        {
+            bool on = command != null && command.EndsWith(".ps1", StringComparison.OrdinalIgnoreCase);
+            var context = ExecutionContextProperty?.GetValue(runspace);
+            var property = context?.GetType().GetProperty("ScriptCommandProcessorShouldRethrowExit",
+                System.Reflection.BindingFlags.NonPublic | System.Reflection.BindingFlags.Public | System.Reflection.BindingFlags.Instance);
+            if (property != null && (on || (bool)property.GetValue(context))) property.SetValue(context, on);
+        }
+
+        /// <summary>$LASTEXITCODE is per request: a native program run by an earlier request is not this one's.</summary>
+        private static void ForgetLastExitCode() => runspace.SessionStateProxy.PSVariable.Remove("global:LASTEXITCODE");
+
+        private static int? NativeExitCode() => runspace.SessionStateProxy.PSVariable.GetValue("global:LASTEXITCODE") is int code ? code : (int?)null;
 
         /// <summary>Adds the steps of a request. Values are bound as parameters, never spliced into script text.</summary>
         private static void Build(PowerShell ps, JsonElement body)
@@ -780,7 +975,7 @@ namespace PsBridge
         private static void AddParameters(PowerShell ps, JsonElement holder)
         {
             if (!holder.TryGetProperty("parameters", out var parameters) || parameters.ValueKind != JsonValueKind.Object) return;
-            foreach (var p in parameters.EnumerateObject()) ps.AddParameter(p.Name, Values.From(p.Value));
+            foreach (var p in parameters.EnumerateObject()) ps.AddParameter(p.Name, Values.Parameter(p.Name, p.Value));
         }
 
         /// <summary>Sends every record as it is written, so that the owner sees the streams in order.</summary>
@@ -809,14 +1004,16 @@ namespace PsBridge
             };
         }
 
-        private static void SendOutput(long id, PSObject item)
+        private static void SendOutput(long id, PSObject item, Serializer serializer)
         {
             Protocol.Send("out", id, w =>
             {
                 Serializer.WriteTypeNames(w, item);
                 w.WritePropertyName("v");
-                Serializer.WriteObject(w, item);
+                serializer.WriteObject(w, item);
             });
+            string cut = serializer.TakeCutWarning(item);
+            if (cut != null) SendText("warn", id, cut);
         }
 
         private static void SendText(string type, long id, string text) => Protocol.Send(type, id, w => w.WriteString("v", text));
@@ -824,13 +1021,15 @@ namespace PsBridge
         private static void SendError(long id, ErrorRecord record, bool terminating) =>
             Protocol.Send("err", id, w => Serializer.WriteErrorRecord(w, record, terminating));
 
-        private static void SendDone(long id, string state, bool hadErrors, double ms)
+        private static void SendDone(long id, string state, bool hadErrors, double ms, int? exit = null, int? native = null)
         {
             Protocol.Send("done", id, w =>
             {
                 w.WriteString("state", state);
                 w.WriteBoolean("had_errors", hadErrors);
                 w.WriteNumber("duration_ms", ms);
+                if (exit.HasValue) w.WriteNumber("exit_code", exit.Value);
+                if (native.HasValue) w.WriteNumber("native_exit_code", native.Value);
             });
         }
 
