@@ -106,6 +106,15 @@ pub enum Error {
         records: Vec<ErrorRecord>,
     },
 
+    /// The [`Connector`](crate::Connector) could not make the connect command (a secret could not be read,
+    /// a token command failed, a token has expired). Not worth retrying with the same source.
+    #[error("could not get the credentials to connect with: {source}")]
+    Credentials {
+        /// What the connector said (it never holds a secret).
+        #[source]
+        source: crate::connect::ConnectorError,
+    },
+
     /// A step of opening the runspace took longer than allowed.
     #[error("{stage} did not finish within {after:?}")]
     StartTimeout {
@@ -180,6 +189,18 @@ pub enum Error {
     #[error("no worker was free within {0:?}; raise PoolBuilder::wait_timeout or max_workers")]
     WaitTimeout(Duration),
 
+    /// The pool's workers failed to start or connect `attempts` times in a row (see
+    /// [`PoolBuilder::connect_attempts`](crate::PoolBuilder::connect_attempts)): every queued command,
+    /// and every later one, fails with this error and its cause.
+    #[error("no worker could be started and connected ({attempts} attempts in a row failed): {cause}")]
+    WorkersUnavailable {
+        /// How many attempts failed in a row.
+        attempts: u32,
+        /// The last attempt's error.
+        #[source]
+        cause: Arc<Error>,
+    },
+
     /// The pool is shut down (or shutting down) and takes no more commands.
     #[error("the pool is closed")]
     PoolClosed,
@@ -188,7 +209,7 @@ pub enum Error {
 /// `1.5 s`, `300 s`: durations as people write them in options.
 fn humane(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 { format!("{} s", ms / 1000) } else { format!("{} s", d.as_secs_f64()) }
+    if ms.is_multiple_of(1000) { format!("{} s", ms / 1000) } else { format!("{} s", d.as_secs_f64()) }
 }
 
 fn first_message(records: &[ErrorRecord]) -> &str {

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod command;
+mod connect;
 mod errors;
 mod lines;
 mod locate;
@@ -9,10 +10,12 @@ mod pool;
 mod process;
 mod protocol;
 mod records;
+pub mod exo;
 pub mod retry;
 mod runspace;
 mod worker_files;
 
+pub use connect::{Connection, Connector, ConnectorError};
 pub use command::{Command, MAX_VALUE_DEPTH, ParamValue, valid_parameter_name};
 pub use errors::{Error, Result, WorkerExit};
 pub use locate::{PWSH_ENV, find_pwsh};

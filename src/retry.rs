@@ -1,92 +1,60 @@
 //! Which failures are worth running again, and how long to wait first.
 //!
-//! The classification follows what ExchangeOnlineManagement's REST cmdlets report (see Microsoft's
-//! cmdlet reference): throttling (HTTP 429 with the server's JSON body, or a 503/504, or a server
-//! exception such as DCOverloaded) is transient; HTTP 401 / InvalidAuthenticationToken means the token
-//! expired and the session must connect again; everything else (not found, bad parameter) is permanent.
+//! A pool asks a [`Classifier`] what a finished command's failure means and whether a health check
+//! passed. The default, [`Generic`], knows no module: every failure is permanent and a health check
+//! passes when it succeeds without a `false` in its output. Module knowledge lives in presets such as
+//! [`exo::ExchangeOnline`](crate::exo::ExchangeOnline).
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::records::{ErrorRecord, InvocationResult};
+use crate::records::InvocationResult;
 
 /// What kind of failure a command's error records describe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// Throttling or a transient server error: try again later, after `retry_after` if the server said.
-    Transient {
-        /// The delay the server asked for.
+    /// A transient server error: try again after a backoff.
+    Transient,
+    /// The service throttled the caller: try again later, after `retry_after` if the service said.
+    Throttled {
+        /// The delay the service asked for.
         retry_after: Option<Duration>,
     },
-    /// The access token expired or the connection broke: connect again, then retry.
+    /// The credentials expired or the connection broke: replace the worker with one connected with
+    /// freshly read credentials, then retry once.
     ExpiredToken,
     /// Not worth repeating (not found, bad parameter, permission denied, ...).
     Permanent,
 }
 
-const TRANSIENT_MARKERS: &[&str] = &[
-    "\"code\":\"toomanyrequests\"",
-    "httpstatuscode=429",
-    "httpstatuscode=503",
-    "httpstatuscode=504",
-    "rate limit exceeded",
-    "the current request is throttled",
-    "dcoverloaded",
-    "serverinmm",
-    "storagetransient",
-    "a server side error has occurred because of which the operation could not be completed",
-];
-
-const EXPIRED_MARKERS: &[&str] = &["httpstatuscode=401", "invalidauthenticationtoken", "token has expired"];
-
-/// Classifies a finished command; `None` when it reported no errors.
+/// Tells a pool what a command's failure means and whether a health check passed.
 ///
 /// ```
-/// use psbridge::{ErrorRecord, InvocationResult, StreamItem, retry::{classify, Failure}};
-/// let mut r = InvocationResult::default();
-/// r.had_errors = true;
-/// let mut record: ErrorRecord = serde_json::from_value(serde_json::json!({
-///     "message": "{\"error\":{\"code\":\"TooManyRequests\",\"message\":\"Rate limit exceeded. Retry after 2 seconds.\"}}",
-///     "exception_message": null, "exception_type": null, "fully_qualified_error_id": null, "category": "ProtocolError",
-///     "activity": null, "reason": null, "target_name": null, "target_type": null, "category_info": null,
-///     "target_object": null, "script_stack_trace": null, "position_message": null, "command": null, "terminating": true
-/// })).unwrap();
-/// r.push(StreamItem::Error(Box::new(record)));
-/// assert_eq!(classify(&r), Some(Failure::Transient { retry_after: Some(std::time::Duration::from_secs(2)) }));
+/// use psbridge::{InvocationResult, retry::{Classifier, Failure, Generic}};
+/// let failed = InvocationResult { state: psbridge::PipelineState::Failed, ..Default::default() };
+/// assert_eq!(Generic.classify(&failed), Some(Failure::Permanent));
+/// assert_eq!(Generic.classify(&InvocationResult::default()), None);
 /// ```
-pub fn classify(result: &InvocationResult) -> Option<Failure> {
-    if result.succeeded() {
-        return None;
-    }
-    // The most actionable kind wins: one expired token means every record after it is noise.
-    let kinds = result.errors.iter().map(classify_record);
-    Some(kinds.fold(Failure::Permanent, |worst, kind| match (worst, kind) {
-        (Failure::ExpiredToken, _) | (_, Failure::ExpiredToken) => Failure::ExpiredToken,
-        (Failure::Transient { retry_after: a }, Failure::Transient { retry_after: b }) => Failure::Transient { retry_after: a.max(b) },
-        (transient @ Failure::Transient { .. }, Failure::Permanent) | (Failure::Permanent, transient) => transient,
-    }))
-}
+pub trait Classifier: std::fmt::Debug + Send + Sync + 'static {
+    /// `None` when the command [succeeded](InvocationResult::succeeded), else what its failure is.
+    fn classify(&self, result: &InvocationResult) -> Option<Failure>;
 
-/// Classifies one error record by its message.
-pub fn classify_record(record: &ErrorRecord) -> Failure {
-    let text = record.message.to_lowercase();
-    if EXPIRED_MARKERS.iter().any(|m| text.contains(m)) {
-        Failure::ExpiredToken
-    } else if TRANSIENT_MARKERS.iter().any(|m| text.contains(m)) {
-        Failure::Transient { retry_after: retry_after(&text) }
-    } else {
-        Failure::Permanent
+    /// Whether the health check's result says the worker is fit for work. Default: the check succeeded
+    /// and no output object is `false`.
+    fn healthy(&self, result: &InvocationResult) -> bool {
+        result.succeeded() && result.output.iter().all(|o| o.value != serde_json::Value::Bool(false))
     }
 }
 
-/// Reads "retry after N seconds" or "retry-after: N" from a lower-cased message.
-fn retry_after(text: &str) -> Option<Duration> {
-    ["retry after ", "retry-after: ", "retry-after:", "retryafter="].iter().find_map(|marker| {
-        let start = text.find(marker)? + marker.len();
-        let digits: String = text[start..].chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok().map(Duration::from_secs)
-    })
+/// The classifier that knows no module: every failure is permanent. The pool's default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Generic;
+
+impl Classifier for Generic {
+    fn classify(&self, result: &InvocationResult) -> Option<Failure> {
+        (!result.succeeded()).then_some(Failure::Permanent)
+    }
 }
 
 /// How often and how patiently a pool retries.
@@ -105,7 +73,7 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// 6 attempts, exponential backoff from 1 s up to 60 s with full jitter, transient failures retried.
+    /// 6 attempts, exponential backoff from 1 s up to 60 s with equal jitter, transient failures retried.
     fn default() -> Self {
         RetryPolicy { max_attempts: 6, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(60), retry_transient: true }
     }
@@ -151,7 +119,8 @@ impl RetryPolicy {
     }
 
     /// The wait before attempt `attempt + 1` (attempt counts from 1): the server's delay when it gave
-    /// one, else full jitter over `base * 2^(attempt-1)`; capped at `max_delay`.
+    /// one, else "equal jitter" over `base * 2^(attempt-1)` (half fixed, half random: a delay in
+    /// [ceiling/2, ceiling)); capped at `max_delay`.
     pub fn delay(&self, attempt: u32, server: Option<Duration>) -> Duration {
         if let Some(server) = server {
             return server.min(self.max_delay);
@@ -175,39 +144,15 @@ fn jitter() -> f64 {
 mod tests {
     use super::*;
 
-    fn record(message: &str) -> ErrorRecord {
-        serde_json::from_value(serde_json::json!({
-            "message": message, "exception_message": null, "exception_type": null, "fully_qualified_error_id": null,
-            "category": "NotSpecified", "activity": null, "reason": null, "target_name": null, "target_type": null,
-            "category_info": null, "target_object": null, "script_stack_trace": null, "position_message": null,
-            "command": null, "terminating": false
-        }))
-        .unwrap()
-    }
-
     #[test]
-    fn classifies_the_real_module_texts() {
-        let throttled = r#"{"error":{"code":"TooManyRequests","message":"Rate limit exceeded. Retry after 2 seconds."}}"#;
-        assert_eq!(classify_record(&record(throttled)), Failure::Transient { retry_after: Some(Duration::from_secs(2)) });
-        let expired = r#"Error while querying REST service. HttpStatusCode=401 ErrorMessage={"error":{"code":"InvalidAuthenticationToken","message":"Access token has expired or is not yet valid."}}"#;
-        assert_eq!(classify_record(&record(expired)), Failure::ExpiredToken);
-        let server = "A server side error has occurred because of which the operation could not be completed. Please try again after some time. If the problem still persists, please reach out to MS support.";
-        assert_eq!(classify_record(&record(server)), Failure::Transient { retry_after: None });
-        let unavailable = "Error while querying REST service. HttpStatusCode=503 ErrorMessage={}";
-        assert_eq!(classify_record(&record(unavailable)), Failure::Transient { retry_after: None });
-        let missing = "Ex6F9304|Microsoft.Exchange.Configuration.Tasks.ManagementObjectNotFoundException|The operation couldn't be performed because object 'x' couldn't be found on 'SRV'.";
-        assert_eq!(classify_record(&record(missing)), Failure::Permanent);
-    }
-
-    #[test]
-    fn an_expired_token_outranks_the_rest() {
-        let mut r = InvocationResult { had_errors: true, ..Default::default() };
-        r.errors = vec![record("object 'x' couldn't be found"), record("HttpStatusCode=401"), record("HttpStatusCode=429")];
-        assert_eq!(classify(&r), Some(Failure::ExpiredToken));
-        r.errors.truncate(1);
-        assert_eq!(classify(&r), Some(Failure::Permanent));
-        r.errors.clear();
-        assert_eq!(classify(&r), None, "HadErrors without an error record (a suppressed error) is no failure");
+    fn the_generic_classifier_knows_no_module() {
+        let mut r = InvocationResult::default();
+        assert_eq!(Generic.classify(&r), None);
+        r.had_errors = true;
+        assert_eq!(Generic.classify(&r), None, "HadErrors without an error record (a suppressed error) is no failure");
+        r.exit_code = Some(2);
+        assert_eq!(Generic.classify(&r), Some(Failure::Permanent));
+        assert!(!Generic.healthy(&r));
     }
 
     #[test]

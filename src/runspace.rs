@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use secrecy::ExposeSecret;
@@ -16,6 +16,7 @@ use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use crate::command::Command;
+use crate::connect::{Connector, Fixed};
 use crate::errors::{Error, Result, WorkerExit};
 use crate::lines::{BoundedLines, Line, bounded_lines};
 use crate::locate::find_pwsh;
@@ -52,7 +53,7 @@ pub struct RunspaceBuilder {
     variables: Map<String, Value>,
     env: Vec<(OsString, OsString)>,
     env_removed: Vec<OsString>,
-    connect: Option<Command>,
+    connect: Option<Arc<dyn Connector>>,
     disconnect: Option<Command>,
     start_timeout: Duration,
     connect_timeout: Duration,
@@ -146,8 +147,20 @@ impl RunspaceBuilder {
     }
 
     /// A command run once after set-up, for example `Connect-ExchangeOnline`. Default: none.
-    pub fn connect(mut self, command: Command) -> Self {
-        self.connect = Some(command);
+    ///
+    /// The same command, with the same secrets, connects every worker opened from this builder; to read
+    /// credentials anew for each worker (a rotated file, a fresh token), use
+    /// [`connect_with`](Self::connect_with).
+    pub fn connect(self, command: Command) -> Self {
+        self.connect_with(Fixed(command))
+    }
+
+    /// Asks `connector` for the connect command each time a worker opens. Default: no connect.
+    ///
+    /// A connector that fails ends the open with [`Error::Credentials`]; the time it gives in
+    /// [`Connection::expires_at`](crate::Connection::expires_at) becomes [`Runspace::expires_at`].
+    pub fn connect_with(mut self, connector: impl Connector) -> Self {
+        self.connect = Some(Arc::new(connector));
         self
     }
 
@@ -240,8 +253,11 @@ impl RunspaceBuilder {
         let child = process::spawn(self.process_command(&pwsh, &files)).await.map_err(spawn_error)?;
         let mut runspace = Runspace::start(child, files, &self).await?;
         runspace.setup(&self).await?;
-        runspace.connect = self.connect.map(|command| (command, self.connect_timeout));
-        runspace.reconnect().await?;
+        if let Some(connector) = &self.connect {
+            let connection = connector.connection().await.map_err(|source| Error::Credentials { source })?;
+            runspace.connect(&connection.command, self.connect_timeout).await?;
+            runspace.expires_at = connection.expires_at;
+        }
         runspace.disconnect = self.disconnect;
         Ok(runspace)
     }
@@ -346,7 +362,7 @@ pub struct Runspace {
     shared: Arc<Shared>,
     limits: Limits,
     next_id: u64,
-    connect: Option<(Command, Duration)>,
+    expires_at: Option<SystemTime>,
     disconnect: Option<Command>,
     _files: Arc<WorkerFiles>,
 }
@@ -374,6 +390,11 @@ impl Runspace {
     /// launcher that starts `dotnet pwsh.dll` as its child. Both are in the worker's process group.
     pub fn pid(&self) -> u32 {
         self.info.pid
+    }
+
+    /// When the credentials this worker connected with expire, if its [`Connector`] said.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at
     }
 
     /// How the worker exited, if it has.
@@ -487,7 +508,7 @@ impl Runspace {
             shutdown_grace: config.shutdown_grace,
             stream_buffer: config.stream_buffer,
         };
-        Ok(Runspace { info, shared, limits, next_id: 1, connect: None, disconnect: None, _files: files })
+        Ok(Runspace { info, shared, limits, next_id: 1, expires_at: None, disconnect: None, _files: files })
     }
 
     async fn setup(&mut self, config: &RunspaceBuilder) -> Result<()> {
@@ -508,13 +529,10 @@ impl Runspace {
         Ok(())
     }
 
-    /// Runs the connect command again (after a token expired or the connection broke). Does nothing when
-    /// no connect command was configured.
-    ///
-    /// # Errors
-    /// [`Error::Connect`] with the command's error records, or a bridge error.
-    pub async fn reconnect(&mut self) -> Result<()> {
-        let Some((connect, timeout)) = self.connect.clone() else { return Ok(()) };
+    /// Runs the connect command. Only once per worker: connecting again in the same process is not the
+    /// same as connecting afresh (ExchangeOnlineManagement adds a second connection), so a worker whose
+    /// connection expired is replaced by a new one instead.
+    async fn connect(&mut self, connect: &Command, timeout: Duration) -> Result<()> {
         let command = connect.clone().timeout(timeout);
         let result = self.invoke(&command).await.map_err(|e| start_timeout(e, "connect", timeout))?;
         for information in &result.information {
@@ -524,7 +542,7 @@ impl Runspace {
         // 3.9.0 succeeds with HadErrors set by an error it suppressed itself.
         if !result.succeeded() {
             let mut records = result.errors;
-            mask_secrets(&mut records, &connect);
+            mask_secrets(&mut records, connect);
             return Err(Error::Connect { command: connect.name().to_owned(), records });
         }
         Ok(())

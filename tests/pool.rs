@@ -4,10 +4,15 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
+use futures_util::future::BoxFuture;
 use futures_util::future::join_all;
-use psbridge::{Command, Error, RecyclePolicy, RetryPolicy, RunspaceBuilder, RunspacePool};
+use psbridge::{
+    Command, Connection, Connector, ConnectorError, Error, RecyclePolicy, RetryPolicy, RunspaceBuilder, RunspacePool, exo,
+};
 use serde_json::{Value, json};
 
 fn get(identity: &str) -> Command {
@@ -21,6 +26,7 @@ fn user(i: usize) -> String {
 /// A pool of `n` workers on a fresh tenant; `extra` adds EXO_SIM_* settings.
 async fn pool(tenant: &Path, n: usize, extra: impl FnOnce(RunspaceBuilder) -> RunspaceBuilder) -> RunspacePool {
     RunspacePool::builder(extra(common::sim_builder(tenant)))
+        .classifier(exo::ExchangeOnline)
         .min_workers(n)
         .max_workers(n)
         .retry(RetryPolicy::default().base_delay(Duration::from_millis(10)).max_delay(Duration::from_millis(50)))
@@ -180,6 +186,7 @@ async fn submitted_commands_keep_their_order_wherever_awaited_and_a_dropped_one_
 async fn a_throttling_storm_ends_with_every_idempotent_command_succeeding() {
     let tenant = tempfile::tempdir().unwrap();
     let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_THROTTLE_RATE", "0.3"))
+        .classifier(exo::ExchangeOnline)
         .min_workers(3)
         .max_workers(3)
         .retry(RetryPolicy::default().max_attempts(15).base_delay(Duration::from_millis(5)).max_delay(Duration::from_millis(20)))
@@ -207,7 +214,7 @@ async fn permanent_errors_are_never_retried() {
 }
 
 #[tokio::test]
-async fn token_expiry_triggers_reconnects_and_no_failures() {
+async fn token_expiry_replaces_workers_and_nothing_fails() {
     let tenant = tempfile::tempdir().unwrap();
     let pool = pool(tenant.path(), 2, |b| b.env("EXO_SIM_TOKEN_LIFETIME_S", "2")).await;
     for round in 0..7 {
@@ -461,8 +468,9 @@ async fn an_idle_worker_whose_session_broke_is_reconnected_by_the_health_check()
     let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_TOKEN_LIFETIME_S", "1"))
         .min_workers(1)
         .max_workers(1)
+        .classifier(exo::ExchangeOnline)
         .health_check_after(Duration::ZERO)
-        .health_check(Command::new("Get-ConnectionInformation"))
+        .health_check(exo::health_check())
         .build()
         .await
         .unwrap();
@@ -486,4 +494,125 @@ async fn the_rate_limit_spaces_command_starts() {
     // 11 starts at 5 per second: the last may start no sooner than 2 s after the first.
     assert!(started.elapsed() >= Duration::from_millis(1900), "{:?}", started.elapsed());
     pool.close().await;
+}
+
+/// Connects with the managed identity, counting its calls; fails from call `fail_from` on.
+#[derive(Debug)]
+struct CountingConnector {
+    tenant: std::path::PathBuf,
+    calls: Arc<AtomicUsize>,
+    fail_from: usize,
+    lifetime: Option<Duration>,
+}
+
+impl Connector for CountingConnector {
+    fn connection(&self) -> BoxFuture<'_, Result<Connection, ConnectorError>> {
+        Box::pin(async move {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if call >= self.fail_from {
+                return Err("the token source said no (test)".into());
+            }
+            let command = common::managed_identity_connect().param("EXOModuleBasePath", self.tenant.display().to_string());
+            Ok(Connection { command, expires_at: self.lifetime.map(|d| SystemTime::now() + d) })
+        })
+    }
+}
+
+fn counting(tenant: &Path, fail_from: usize, lifetime: Option<Duration>) -> (RunspaceBuilder, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let connector = CountingConnector { tenant: tenant.to_owned(), calls: calls.clone(), fail_from, lifetime };
+    let builder = common::builder()
+        .module_path(common::sim_modules())
+        .module("ExchangeOnlineManagement")
+        .env("EXO_SIM_TENANT", tenant)
+        .connect_with(connector)
+        .disconnect(Command::new("Disconnect-ExchangeOnline").param("Confirm", false));
+    (builder, calls)
+}
+
+#[tokio::test]
+async fn an_expired_token_means_a_fresh_process_with_credentials_read_again() {
+    let tenant = tempfile::tempdir().unwrap();
+    let (builder, calls) = counting(tenant.path(), usize::MAX, None);
+    let pool = RunspacePool::builder(builder.env("EXO_SIM_TOKEN_LIFETIME_S", "1"))
+        .classifier(exo::ExchangeOnline)
+        .min_workers(1)
+        .max_workers(1)
+        .build()
+        .await
+        .unwrap();
+    let first = pool.worker_pids();
+    let r = pool.invoke(Command::new("Get-ConnectionInformation")).await.unwrap();
+    assert_eq!(r.output.len(), 1, "one connection in the worker");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = pool.invoke(get("ContosoUser1")).await.unwrap();
+    assert!(r.succeeded(), "retried on a fresh worker: {:?}", r.errors);
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "the connector was asked again for the new worker");
+    let second = pool.worker_pids();
+    assert_ne!(first, second, "a new process, not a second connect in the old one");
+    let r = pool.invoke(Command::new("Get-ConnectionInformation")).await.unwrap();
+    assert_eq!(r.output.len(), 1, "still one connection: {r:?}");
+    for pid in first {
+        assert!(common::gone_within(pid, Duration::from_secs(15)).await, "the old worker {pid} was retired");
+    }
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_worker_is_replaced_before_its_credentials_expire() {
+    let tenant = tempfile::tempdir().unwrap();
+    // Credentials that expire 2 s after each connect, with a 1.5 s margin: replaced after about 0.5 s.
+    let (builder, calls) = counting(tenant.path(), usize::MAX, Some(Duration::from_secs(2)));
+    let pool = RunspacePool::builder(builder)
+        .refresh_margin(Duration::from_millis(1500))
+        .min_workers(1)
+        .max_workers(1)
+        .build()
+        .await
+        .unwrap();
+    let first = pool.worker_pids();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = pool.invoke(get("ContosoUser2")).await.unwrap();
+    assert!(r.succeeded(), "{:?}", r.errors);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_ne!(first, pool.worker_pids());
+    assert_eq!(pool.stats().counters.failures, 0);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn credentials_that_stop_working_fail_every_queued_command_within_seconds() {
+    let tenant = tempfile::tempdir().unwrap();
+    // The first connect works; every later one fails, as when a token source starts refusing.
+    let (builder, calls) = counting(tenant.path(), 2, None);
+    let pool = RunspacePool::builder(builder.env("EXO_SIM_TOKEN_LIFETIME_S", "1"))
+        .classifier(exo::ExchangeOnline)
+        .restart_backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .connect_attempts(3)
+        .min_workers(1)
+        .max_workers(1)
+        .build()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let started = std::time::Instant::now();
+    let results = join_all((0..5).map(|i| pool.invoke(get(&user(i))))).await;
+    assert!(started.elapsed() < Duration::from_secs(30), "bounded: {:?}", started.elapsed());
+    for result in results {
+        let error = result.unwrap_err();
+        assert!(matches!(error, Error::WorkersUnavailable { attempts: 3, .. }), "{error}");
+        assert!(error.to_string().contains("the token source said no"), "the cause is named: {error}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 4, "one good connect, then exactly three attempts");
+    let later = pool.invoke(get("ContosoUser1")).await.unwrap_err();
+    assert!(matches!(later, Error::WorkersUnavailable { .. }), "later commands fail at once: {later}");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_connector_that_fails_at_once_fails_the_open_with_its_reason() {
+    let tenant = tempfile::tempdir().unwrap();
+    let (builder, _) = counting(tenant.path(), 1, None);
+    let error = builder.open().await.unwrap_err();
+    assert!(matches!(error, Error::Credentials { .. }) && error.to_string().contains("the token source said no"), "{error}");
 }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::command::Command;
 use crate::errors::{Error, Result};
 use crate::records::{Completion, InvocationResult, StreamItem};
-use crate::retry::RetryPolicy;
+use crate::retry::{Classifier, Generic, RetryPolicy};
 use crate::runspace::{CancelHandle, Runspace, RunspaceBuilder};
 use queue::{Job, Queue, Reply, Streamed};
 pub use stats::{Counters, Percentiles, PoolStats, WorkerState, WorkerStats};
@@ -64,6 +64,9 @@ pub struct PoolBuilder {
     health_check_after: Duration,
     health_check: Command,
     retry: RetryPolicy,
+    classifier: Arc<dyn Classifier>,
+    connect_attempts: u32,
+    refresh_margin: Duration,
     recycle: RecyclePolicy,
     restart_backoff: (Duration, Duration),
     rate_limit: Option<f64>,
@@ -112,9 +115,9 @@ impl PoolBuilder {
         self
     }
 
-    /// The health check. It passes when it reports no errors and no output object says the connection
-    /// is broken (`State` = `Broken` or `TokenStatus` = `Expired`, as Get-ConnectionInformation
-    /// reports). A failed check reconnects the worker. Default: `$true` (a ping).
+    /// The health check, judged by the [`classifier`](Self::classifier)'s health rule. A failed check
+    /// replaces the worker with a freshly connected one. Default: `$true` (a ping);
+    /// [`exo::health_check`](crate::exo::health_check) for Exchange Online.
     pub fn health_check(mut self, command: Command) -> Self {
         self.health_check = command;
         self
@@ -124,6 +127,30 @@ impl PoolBuilder {
     /// [`RetryPolicy::default`].
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
+        self
+    }
+
+    /// What a failed command's error records mean (retry, replace the worker, give up) and whether a
+    /// health check passed. Default: [`retry::Generic`](crate::retry::Generic), which knows no module:
+    /// nothing but a dead worker is retried. [`exo::ExchangeOnline`](crate::exo::ExchangeOnline) knows
+    /// Exchange Online's throttling and expired tokens.
+    pub fn classifier(mut self, classifier: impl Classifier) -> Self {
+        self.classifier = Arc::new(classifier);
+        self
+    }
+
+    /// How many times in a row a worker may fail to start or connect before the pool gives up: every
+    /// queued command, and every later one, then fails with [`Error::WorkersUnavailable`] naming the
+    /// last failure, instead of waiting for a worker that cannot come. Default: 3.
+    pub fn connect_attempts(mut self, attempts: u32) -> Self {
+        self.connect_attempts = attempts.max(1);
+        self
+    }
+
+    /// A worker whose credentials expire (see [`Runspace::expires_at`]) is replaced by a freshly
+    /// connected one this long before they do, between commands. Default: 5 min.
+    pub fn refresh_margin(mut self, margin: Duration) -> Self {
+        self.refresh_margin = margin;
         self
     }
 
@@ -172,7 +199,9 @@ impl PoolBuilder {
             queue: Mutex::new(Queue::default()),
             work: Notify::new(),
             closed: AtomicBool::new(false),
+            broken: Mutex::new(None),
             live: AtomicUsize::new(0),
+            next_slot_id: AtomicUsize::new(0),
             idle: AtomicUsize::new(0),
             workers: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
@@ -181,6 +210,7 @@ impl PoolBuilder {
             config: self,
         });
         for runspace in runspaces.into_iter().flatten() {
+            shared.live.fetch_add(1, Ordering::SeqCst);
             shared.spawn_worker(Some(runspace));
         }
         Ok(RunspacePool { _owner: Arc::new(Owner(shared.clone())), shared })
@@ -196,8 +226,13 @@ struct PoolShared {
     /// Room in the queue.
     slots: Arc<Semaphore>,
     closed: AtomicBool,
+    /// Set when workers could not be started or connected `connect_attempts` times in a row: what every
+    /// command fails with from then on.
+    broken: Mutex<Option<(u32, Arc<Error>)>>,
     /// Worker slots alive (starting, idle, busy or recycling).
     live: AtomicUsize,
+    /// The id the next worker slot gets.
+    next_slot_id: AtomicUsize,
     /// Worker slots waiting for a job.
     idle: AtomicUsize,
     workers: Mutex<Vec<Arc<worker::Slot>>>,
@@ -208,23 +243,61 @@ struct PoolShared {
 }
 
 impl PoolShared {
+    /// Starts a worker task for a slot already counted in `live`.
     fn spawn_worker(self: &Arc<Self>, runspace: Option<Runspace>) {
-        let id = lock(&self.workers).len();
-        let slot = Arc::new(worker::Slot::new(id, runspace.as_ref()));
-        lock(&self.workers).push(slot.clone());
-        self.live.fetch_add(1, Ordering::SeqCst);
+        let slot = {
+            let mut workers = lock(&self.workers);
+            // Slots of workers that stopped are forgotten here, so that a long-lived pool that grows
+            // and shrinks does not keep every slot it ever had.
+            workers.retain(|slot| !slot.stopped());
+            let slot = Arc::new(worker::Slot::new(self.next_slot_id.fetch_add(1, Ordering::SeqCst), runspace.as_ref()));
+            workers.push(slot.clone());
+            slot
+        };
         let task = tokio::spawn(worker::run(self.clone(), slot, runspace));
-        lock(&self.tasks).push(task);
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(task);
     }
 
     /// Starts another worker when every live one is busy and the pool may grow.
     fn grow_if_needed(self: &Arc<Self>) {
         let queued = lock(&self.queue).len();
-        let live = self.live.load(Ordering::SeqCst);
-        if queued > self.idle.load(Ordering::SeqCst) && live < self.config.max_workers && !self.closed.load(Ordering::SeqCst) {
-            tracing::debug!(live, queued, "growing the pool");
+        if queued <= self.idle.load(Ordering::SeqCst) || self.closed.load(Ordering::SeqCst) || self.is_broken() {
+            return;
+        }
+        // Counted and checked in one step: submits racing here can never pass max_workers.
+        let max = self.config.max_workers;
+        if self.live.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |live| (live < max).then_some(live + 1)).is_ok() {
+            tracing::debug!(queued, "growing the pool");
             self.spawn_worker(None);
         }
+    }
+
+    fn is_broken(&self) -> bool {
+        lock(&self.broken).is_some()
+    }
+
+    /// The error every command gets once the pool gave up on starting workers.
+    fn unavailable(&self) -> Option<Error> {
+        lock(&self.broken).as_ref().map(|(attempts, cause)| Error::WorkersUnavailable { attempts: *attempts, cause: cause.clone() })
+    }
+
+    /// Gives up on starting workers: every queued command fails with `cause`, and so does every later one.
+    async fn give_up(&self, attempts: u32, cause: Error) {
+        tracing::error!(attempts, error = %cause, "no worker could be started and connected: failing every queued command");
+        *lock(&self.broken) = Some((attempts, Arc::new(cause)));
+        let jobs = lock(&self.queue).drain();
+        for job in jobs {
+            let error = self.unavailable().expect("set above");
+            job.reply.fail(error).await;
+        }
+        self.work.notify_waiters();
+    }
+
+    /// Slots that have a connected worker right now.
+    fn connected_workers(&self) -> usize {
+        lock(&self.workers).iter().filter(|slot| slot.connected()).count()
     }
 
     /// Waits for the pool-wide rate limit, if any.
@@ -242,6 +315,9 @@ impl PoolShared {
     async fn submit(self: &Arc<Self>, command: Command, reply: Reply, wait: bool) -> Result<oneshot::Receiver<()>> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::PoolClosed);
+        }
+        if let Some(error) = self.unavailable() {
+            return Err(error);
         }
         let slot = if wait {
             self.slots.clone().acquire_owned().await.map_err(|_| Error::PoolClosed)?
@@ -262,8 +338,9 @@ impl PoolShared {
             Some(limit) => tokio::time::timeout(limit, started).await.map_err(|_| Error::WaitTimeout(limit))?,
             None => started.await,
         };
-        // The sender is dropped without a word only when the pool shut down before the job started.
-        outcome.map_err(|_| Error::PoolClosed)
+        // The sender is dropped without a word only when the pool shut down, or gave up on starting
+        // workers, before the job started.
+        outcome.map_err(|_| self.unavailable().unwrap_or(Error::PoolClosed))
     }
 }
 
@@ -326,6 +403,9 @@ impl RunspacePool {
             health_check_after: Duration::from_secs(300),
             health_check: Command::script("$true"),
             retry: RetryPolicy::default(),
+            classifier: Arc::new(Generic),
+            connect_attempts: 3,
+            refresh_margin: Duration::from_secs(300),
             recycle: RecyclePolicy::default(),
             restart_backoff: (Duration::from_millis(500), Duration::from_secs(30)),
             rate_limit: None,

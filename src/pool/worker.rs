@@ -1,5 +1,7 @@
-//! One worker slot of a pool: a task that owns a runspace, takes jobs, and keeps the runspace healthy
-//! (replacing it when it dies, recycling it by policy, reconnecting it when its session expired).
+//! One worker slot of a pool: a task that owns a runspace, takes jobs, and keeps the runspace healthy:
+//! it replaces the runspace when it dies, when its policy says it is due, when its health check fails
+//! and when its credentials expired or are about to. A replacement is always a fresh process connected
+//! with freshly read credentials, never a second connect in the same process.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,7 @@ use crate::command::Command;
 use crate::errors::{Error, Result};
 use crate::records::StreamItem;
 use crate::records::{Completion, InvocationResult};
-use crate::retry::{self, Failure};
+use crate::retry::Failure;
 use crate::runspace::{CancelHandle, Runspace};
 
 /// What the pool can see of a worker from outside its task.
@@ -62,6 +64,25 @@ impl Slot {
         self.update(|s| s.pid = None);
         *lock(&self.cancel) = None;
     }
+
+    /// Whether the slot's task has ended.
+    pub(crate) fn stopped(&self) -> bool {
+        lock(&self.stats).state == WorkerState::Stopped
+    }
+
+    /// Whether the slot has a started, connected worker right now.
+    pub(crate) fn connected(&self) -> bool {
+        lock(&self.stats).pid.is_some()
+    }
+}
+
+/// Why a runspace is replaced.
+#[derive(Debug, Clone, Copy)]
+enum Replacement {
+    /// Its credentials expired (the command said so, or they are about to).
+    Expired,
+    /// Its health check failed.
+    Unhealthy,
 }
 
 /// The worker task: runs until the pool closes or the worker is retired for being idle.
@@ -73,10 +94,10 @@ pub(crate) async fn run(shared: Arc<PoolShared>, slot: Arc<Slot>, initial: Optio
         let mut retired = false;
         loop {
             if runspace.is_none() {
-                // Replace a dead or recycled runspace before taking work, backing off when starts fail.
-                match open_with_backoff(&shared, &slot, None).await {
+                // Replace a dead, recycled or retired runspace before taking work.
+                match open_worker(&shared, &slot).await {
                     Ok(fresh) => runspace = Some(fresh),
-                    Err(_) => break, // the pool closed
+                    Err(_) => break, // the pool closed, or this slot (or the pool) gave up
                 }
                 idle_since = Instant::now();
             }
@@ -89,6 +110,7 @@ pub(crate) async fn run(shared: Arc<PoolShared>, slot: Arc<Slot>, initial: Optio
             if idle_since.elapsed() >= shared.config.health_check_after {
                 check_health(&shared, &slot, &mut runspace).await;
             }
+            refresh_if_expiring(&shared, &slot, &mut runspace);
             let key = job.command.key_str().map(str::to_owned);
             let enqueued = job.enqueued;
             let queue_wait = enqueued.elapsed();
@@ -153,44 +175,84 @@ async fn next_job(shared: &PoolShared, retired: &mut bool) -> Option<Job> {
     job
 }
 
-/// Opens a runspace, retrying with exponential backoff; at most `tries` times when given. Fails with
-/// [`Error::PoolClosed`] once the pool closes, or with the last error after `tries`.
-async fn open_with_backoff(shared: &PoolShared, slot: &Slot, tries: Option<u32>) -> Result<Runspace> {
+/// Opens a runspace, retrying with exponential backoff, at most `connect_attempts` times in a row.
+///
+/// Fails with [`Error::PoolClosed`] once the pool closes, with [`Error::WorkersUnavailable`] once the
+/// pool gave up, or with the last error when this slot gave up while other workers still work. The
+/// pool gives up when a slot's attempts run out and no other worker is connected: waiting longer would
+/// only hang every queued command on credentials that do not work.
+async fn open_worker(shared: &PoolShared, slot: &Slot) -> Result<Runspace> {
     let (mut delay, max) = shared.config.restart_backoff;
+    let attempts = shared.config.connect_attempts;
     let mut failures = 0;
     loop {
         if shared.closed.load(Ordering::SeqCst) {
             return Err(Error::PoolClosed);
         }
+        if let Some(error) = shared.unavailable() {
+            return Err(error);
+        }
         slot.update(|s| s.state = WorkerState::Starting);
-        match shared.config.runspace.clone().open().await {
+        let error = match shared.config.runspace.clone().open().await {
             Ok(runspace) => {
                 slot.attach(&runspace);
                 return Ok(runspace);
             }
-            Err(error) => {
-                failures += 1;
-                if tries.is_some_and(|tries| failures >= tries) {
-                    return Err(error);
-                }
-                tracing::warn!(%error, ?delay, "pool worker could not start; trying again");
-                let closing = shared.work.notified();
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = closing, if !shared.closed.load(Ordering::SeqCst) => {}
-                }
-                delay = (delay * 2).min(max);
+            Err(error) => error,
+        };
+        failures += 1;
+        if failures >= attempts {
+            if shared.connected_workers() > 0 {
+                tracing::warn!(%error, failures, "pool worker could not start; the others go on without it");
+                return Err(error);
             }
+            shared.give_up(failures, error).await;
+            return Err(shared.unavailable().expect("the pool gave up"));
         }
+        tracing::warn!(%error, ?delay, failures, "pool worker could not start; trying again");
+        let closing = shared.work.notified();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = closing, if !shared.closed.load(Ordering::SeqCst) => {}
+        }
+        delay = (delay * 2).min(max);
     }
 }
 
-/// The runspace, opened again first if it is gone (within the retry policy's attempts).
+/// The runspace, opened first if it is gone.
 async fn ensure_open<'r>(shared: &PoolShared, slot: &Slot, runspace: &'r mut Option<Runspace>) -> Result<&'r mut Runspace> {
     if runspace.is_none() {
-        *runspace = Some(open_with_backoff(shared, slot, Some(shared.config.retry.attempts())).await?);
+        *runspace = Some(open_worker(shared, slot).await?);
     }
     Ok(runspace.as_mut().expect("opened above"))
+}
+
+/// Takes a live runspace out of service: it is disconnected and closed in the background (the pool's
+/// close waits for that), and the next use opens a fresh one with freshly read credentials.
+fn replace(shared: &PoolShared, slot: &Slot, runspace: &mut Option<Runspace>, why: Replacement) {
+    let Some(old) = runspace.take() else { return };
+    tracing::info!(?why, pid = old.pid(), "replacing the worker with a freshly connected one");
+    slot.detach();
+    slot.update(|s| s.counters.reconnects += 1);
+    let closing = tokio::spawn(async move {
+        if let Err(error) = old.close().await {
+            tracing::warn!(%error, "closing a replaced worker");
+        }
+    });
+    let mut tasks = lock(&shared.tasks);
+    tasks.retain(|task| !task.is_finished());
+    tasks.push(closing);
+}
+
+/// Replaces the runspace when its credentials expire within the refresh margin.
+fn refresh_if_expiring(shared: &PoolShared, slot: &Slot, runspace: &mut Option<Runspace>) {
+    let due = runspace
+        .as_ref()
+        .and_then(Runspace::expires_at)
+        .is_some_and(|expires| std::time::SystemTime::now() + shared.config.refresh_margin >= expires);
+    if due {
+        replace(shared, slot, runspace, Replacement::Expired);
+    }
 }
 
 /// Forgets a runspace that died; the next use opens a fresh one.
@@ -233,7 +295,7 @@ async fn run_collect(
 ) -> Result<InvocationResult> {
     let policy = &shared.config.retry;
     let mut attempt = 1;
-    let mut reconnected = false;
+    let mut replaced = false;
     loop {
         let rs = ensure_open(shared, slot, runspace).await?;
         shared.pace().await;
@@ -243,8 +305,12 @@ async fn run_collect(
             () = caller.closed() => return Err(Error::Cancelled { worker_killed: false }),
         };
         match outcome {
-            Ok(result) => match retry::classify(&result) {
-                Some(Failure::Transient { retry_after }) if policy.retries_transient() && attempt < policy.attempts() => {
+            Ok(result) => match shared.config.classifier.classify(&result) {
+                Some(failure @ (Failure::Transient | Failure::Throttled { .. })) if policy.retries_transient() && attempt < policy.attempts() => {
+                    let retry_after = match failure {
+                        Failure::Throttled { retry_after } => retry_after,
+                        _ => None,
+                    };
                     let delay = policy.delay(attempt, retry_after);
                     tracing::debug!(attempt, ?delay, "throttled: retrying");
                     slot.update(|s| s.counters.retries += 1);
@@ -253,16 +319,11 @@ async fn run_collect(
                         () = caller.closed() => return Err(Error::Cancelled { worker_killed: false }),
                     }
                 }
-                Some(Failure::ExpiredToken) if !reconnected => {
-                    // The session expired: connect again and retry once, not counted as an attempt.
-                    reconnected = true;
-                    slot.update(|s| s.counters.reconnects += 1);
-                    if let Err(error) = rs.reconnect().await {
-                        tracing::warn!(%error, "reconnect failed: replacing the worker");
-                        *runspace = None;
-                        slot.detach();
-                        slot.update(|s| s.counters.restarts += 1);
-                    }
+                Some(Failure::ExpiredToken) if !replaced => {
+                    // The credentials expired: retry once, not counted as an attempt, on a fresh worker
+                    // connected with credentials read anew.
+                    replaced = true;
+                    replace(shared, slot, runspace, Replacement::Expired);
                     continue;
                 }
                 _ => return Ok(InvocationResult { attempts: attempt, ..result }),
@@ -337,32 +398,18 @@ async fn run_stream(
     }
 }
 
-/// Runs the health check on a worker that was idle for long; reconnects or replaces it when it fails.
+/// Runs the health check on a worker that was idle for long; replaces it when it fails.
 async fn check_health(shared: &PoolShared, slot: &Slot, runspace: &mut Option<Runspace>) {
     let Some(rs) = runspace.as_mut() else { return };
     match rs.invoke(&shared.config.health_check).await {
-        Ok(result) if healthy(&result) => {}
-        Ok(_) => {
-            tracing::info!("health check failed: reconnecting");
-            slot.update(|s| s.counters.reconnects += 1);
-            if rs.reconnect().await.is_err() {
-                *runspace = None;
-                slot.detach();
-                slot.update(|s| s.counters.restarts += 1);
+        Ok(result) if shared.config.classifier.healthy(&result) => {}
+        Ok(_) => replace(shared, slot, runspace, Replacement::Unhealthy),
+        Err(_) => {
+            if !drop_if_dead(slot, runspace) {
+                replace(shared, slot, runspace, Replacement::Unhealthy);
             }
         }
-        Err(_) => {
-            drop_if_dead(slot, runspace);
-        }
     }
-}
-
-/// No errors, no `false`, and no connection reported Broken or Expired.
-fn healthy(result: &InvocationResult) -> bool {
-    result.succeeded()
-        && result.output.iter().all(|o| {
-            o.value != serde_json::Value::Bool(false) && o.value["State"] != "Broken" && o.value["TokenStatus"] != "Expired"
-        })
 }
 
 /// Replaces the runspace when the recycling policy says it is due (count, age, memory).
@@ -384,38 +431,5 @@ async fn recycle_if_due(shared: &PoolShared, slot: &Slot, runspace: &mut Option<
     slot.detach();
     if let Err(error) = old.close().await {
         tracing::warn!(%error, "closing a recycled worker");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::records::PsObject;
-
-    fn with_output(values: &[serde_json::Value]) -> InvocationResult {
-        InvocationResult {
-            output: values.iter().map(|v| PsObject { type_names: vec![], value: v.clone() }).collect(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn health_reads_ping_and_connection_information() {
-        assert!(healthy(&with_output(&[serde_json::json!(true)])));
-        assert!(!healthy(&with_output(&[serde_json::json!(false)])));
-        assert!(healthy(&with_output(&[serde_json::json!({"State": "Connected", "TokenStatus": "Active"})])));
-        assert!(!healthy(&with_output(&[serde_json::json!({"State": "Broken", "TokenStatus": "Active"})])));
-        assert!(!healthy(&with_output(&[serde_json::json!({"State": "Connected", "TokenStatus": "Expired"})])));
-        let mut suppressed = with_output(&[serde_json::json!(true)]);
-        suppressed.had_errors = true;
-        assert!(healthy(&suppressed), "HadErrors alone (a suppressed error) is not a failure");
-        let mut errors = with_output(&[serde_json::json!(true)]);
-        errors.errors.push(serde_json::from_value(serde_json::json!({
-            "message": "the ping failed", "category": "NotSpecified", "terminating": false,
-            "exception_message": null, "exception_type": null, "fully_qualified_error_id": null, "activity": null,
-            "reason": null, "target_name": null, "target_type": null, "category_info": null, "target_object": null,
-            "script_stack_trace": null, "position_message": null, "command": null
-        })).unwrap());
-        assert!(!healthy(&errors));
     }
 }
