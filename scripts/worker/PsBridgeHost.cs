@@ -957,9 +957,54 @@ namespace PsBridge
         }
 
         /// <summary>$LASTEXITCODE is per request: a native program run by an earlier request is not this one's.</summary>
-        private static void ForgetLastExitCode() => runspace.SessionStateProxy.PSVariable.Remove("global:LASTEXITCODE");
+        private static void ForgetLastExitCode()
+        {
+            // Set() on an existing variable keeps the old object (and so the old watcher): remove it first.
+            runspace.SessionStateProxy.PSVariable.Remove("global:LASTEXITCODE");
+            lastExitCode = new LastExitCodeVariable();
+            runspace.SessionStateProxy.PSVariable.Set(lastExitCode);
+        }
 
-        private static int? NativeExitCode() => runspace.SessionStateProxy.PSVariable.GetValue("global:LASTEXITCODE") is int code ? code : (int?)null;
+        private static LastExitCodeVariable lastExitCode;
+
+        private static int? NativeExitCode() => lastExitCode?.Native;
+
+        /// <summary>The global $LASTEXITCODE, watched: it tells a native program's exit code from `exit`'s.</summary>
+        /// <remarks>
+        /// PowerShell also writes $LASTEXITCODE when a script file calls `exit N`, so its value after the
+        /// request cannot tell `exit 7` from a native program that returned 7. Each write is attributed to
+        /// the command processor nearest on the stack: NativeCommandProcessor for a program that ended, a
+        /// script command processor for a script file's `exit`. (A .ps1 that is the request's own command
+        /// ends the request instead: its write replaces the variable and never reaches this setter.)
+        /// Walking the stack costs microseconds, once per native program.
+        /// </remarks>
+        private sealed class LastExitCodeVariable : PSVariable
+        {
+            public LastExitCodeVariable() : base("LASTEXITCODE", null, ScopedItemOptions.None) { }
+
+            public int? Native { get; private set; }
+
+            private static bool WrittenByNativeCommand()
+            {
+                foreach (var frame in new StackTrace(false).GetFrames())
+                {
+                    string type = frame.GetMethod()?.DeclaringType?.Name ?? "";
+                    if (type == "NativeCommandProcessor") return true;
+                    if (type.EndsWith("CommandProcessor", StringComparison.Ordinal) || type.EndsWith("CommandProcessorBase", StringComparison.Ordinal)) return false;
+                }
+                return true; // no processor on the stack: PowerShell changed; report the write rather than lose it
+            }
+
+            public override object Value
+            {
+                get => base.Value;
+                set
+                {
+                    base.Value = value;
+                    if (value is int code && WrittenByNativeCommand()) Native = code;
+                }
+            }
+        }
 
         /// <summary>Adds the steps of a request. Values are bound as parameters, never spliced into script text.</summary>
         private static void Build(PowerShell ps, JsonElement body)
