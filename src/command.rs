@@ -35,6 +35,15 @@ pub enum ParamValue {
     SecureString(SecretString),
     /// A secret that reaches the command as a plain string (for example `AccessToken`).
     PlainSecret(SecretString),
+    /// A certificate with its private key, built in the worker's memory from a PKCS#12 (PFX) file's
+    /// bytes, base64-encoded, and its password: it reaches the command as an `X509Certificate2` (for
+    /// example `Connect-ExchangeOnline -Certificate`). Nothing is written to disk.
+    Certificate {
+        /// The PFX, base64.
+        pfx_base64: SecretString,
+        /// The PFX's password, if it has one.
+        password: Option<SecretString>,
+    },
 }
 
 impl<T: Into<Value>> From<T> for ParamValue {
@@ -128,6 +137,22 @@ impl Command {
     /// `AccessToken`). Handled as carefully as [`secure_param`](Self::secure_param) on the Rust side.
     pub fn secret_param(self, name: impl Into<String>, secret: SecretString) -> Self {
         self.param(name, ParamValue::PlainSecret(secret))
+    }
+
+    /// Adds a certificate that the command receives as an `X509Certificate2` with its private key, built
+    /// in the worker's memory from a base64 PFX (as CI systems hold certificates in their secret stores).
+    ///
+    /// ```
+    /// use psbridge::{Command, SecretString};
+    /// let pfx = SecretString::from(std::env::var("EXO_CERT_PFX_BASE64").unwrap_or_default());
+    /// let connect = Command::new("Connect-ExchangeOnline")
+    ///     .param("AppId", "11111111-2222-3333-4444-555555555555")
+    ///     .param("Organization", "contoso.onmicrosoft.com")
+    ///     .certificate_param("Certificate", pfx, Some(SecretString::from("pfx password")));
+    /// # let _ = connect;
+    /// ```
+    pub fn certificate_param(self, name: impl Into<String>, pfx_base64: SecretString, password: Option<SecretString>) -> Self {
+        self.param(name, ParamValue::Certificate { pfx_base64, password })
     }
 
     /// Pipes into another command: `self | name`. Later [`param`](Self::param) calls go to `name`.
@@ -244,9 +269,13 @@ impl Command {
 
     /// The secrets among the parameters, to mask them in error records.
     pub(crate) fn secrets(&self) -> impl Iterator<Item = &SecretString> {
-        self.steps.iter().flat_map(|s| s.parameters.iter()).filter_map(|(_, v)| match v {
-            ParamValue::SecureString(s) | ParamValue::PlainSecret(s) => Some(s),
-            _ => None,
+        self.steps.iter().flat_map(|s| s.parameters.iter()).flat_map(|(_, v)| {
+            let secrets: Vec<&SecretString> = match v {
+                ParamValue::SecureString(s) | ParamValue::PlainSecret(s) => vec![s],
+                ParamValue::Certificate { pfx_base64, password } => std::iter::once(pfx_base64).chain(password).collect(),
+                ParamValue::Json(_) | ParamValue::DateTime(_) | ParamValue::Bytes(_) => Vec::new(),
+            };
+            secrets
         })
     }
 

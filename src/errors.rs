@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::records::ErrorRecord;
 
@@ -134,13 +134,14 @@ pub enum Error {
 
     /// A command ran longer than its timeout.
     #[error(
-        "{command} timed out after {}; {}",
+        "{command} timed out after {}; {}{}",
         humane(*after),
         if *worker_killed {
             "it did not stop within the grace period, so the worker was killed (a pool replaces it)"
         } else {
             "it was stopped and the worker was kept"
-        }
+        },
+        credentials_expired_at.map(expired_note).unwrap_or_default()
     )]
     Timeout {
         /// The command's name (`<script>` for a script).
@@ -149,6 +150,10 @@ pub enum Error {
         after: Duration,
         /// Whether the worker had to be killed.
         worker_killed: bool,
+        /// When the worker's credentials expired, if they had by the time of the timeout (see
+        /// [`Runspace::expires_at`](crate::Runspace::expires_at)): then the likely cause, since a module
+        /// may retry a refused token for a minute or more before it reports an error.
+        credentials_expired_at: Option<SystemTime>,
     },
 
     /// The command was cancelled through a [`CancelHandle`](crate::CancelHandle).
@@ -204,6 +209,14 @@ pub enum Error {
     /// The pool is shut down (or shutting down) and takes no more commands.
     #[error("the pool is closed")]
     PoolClosed,
+}
+
+fn expired_note(at: SystemTime) -> String {
+    format!(
+        "; the worker's credentials had expired at {}, which is the likely cause (modules retry a refused token for \
+         a minute or more before they report it)",
+        humantime::format_rfc3339_seconds(at)
+    )
 }
 
 /// `1.5 s`, `300 s`: durations as people write them in options.

@@ -144,7 +144,8 @@ impl Serialize for Parameters<'_> {
     }
 }
 
-/// Values JSON cannot carry travel as `{"$psbridge": kind, "value": ...}`.
+/// Values JSON cannot carry travel as `{"$psbridge": kind, "value": ...}` (a certificate also has a
+/// `password`).
 struct ValueWire<'a>(&'a ParamValue);
 
 impl Serialize for ValueWire<'_> {
@@ -158,6 +159,13 @@ impl Serialize for ValueWire<'_> {
             ParamValue::DateTime(text) => ("datetime", text),
             ParamValue::SecureString(secret) => ("securestring", secret.expose_secret()),
             ParamValue::PlainSecret(secret) => ("secret", secret.expose_secret()),
+            ParamValue::Certificate { pfx_base64, password } => {
+                let mut map = s.serialize_map(Some(3))?;
+                map.serialize_entry("$psbridge", "certificate")?;
+                map.serialize_entry("value", pfx_base64.expose_secret())?;
+                map.serialize_entry("password", &password.as_ref().map(|p| p.expose_secret()))?;
+                return map.end();
+            }
         };
         tagged(s, kind, value)
     }

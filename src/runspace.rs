@@ -737,7 +737,7 @@ impl Invocation<'_> {
                 *lock(&self.runspace.shared.running) = None;
                 match (self.stopping, completion.state) {
                     (Some((StopCause::Timeout(after), _)), PipelineState::Stopped) => {
-                        Err(Error::Timeout { command: self.name.clone(), after, worker_killed: false })
+                        Err(self.timeout(after, false))
                     }
                     (Some((StopCause::Cancel, _)), PipelineState::Stopped) => Err(Error::Cancelled { worker_killed: false }),
                     // Finished before the stop took effect: the result is complete and valid.
@@ -753,6 +753,11 @@ impl Invocation<'_> {
         }
     }
 
+    fn timeout(&self, after: Duration, worker_killed: bool) -> Error {
+        let credentials_expired_at = self.runspace.expires_at.filter(|at| *at <= SystemTime::now());
+        Error::Timeout { command: self.name.clone(), after, worker_killed, credentials_expired_at }
+    }
+
     async fn kill_unstoppable(&mut self, cause: StopCause) -> Error {
         let reason = match cause {
             StopCause::Timeout(_) => "command timed out and did not stop within the grace period",
@@ -761,7 +766,7 @@ impl Invocation<'_> {
         self.runspace.shared.monitor.kill_and_wait(reason).await;
         self.completion = Some(Completion { had_errors: true, state: PipelineState::Stopped, ..Completion::default() });
         match cause {
-            StopCause::Timeout(after) => Error::Timeout { command: self.name.clone(), after, worker_killed: true },
+            StopCause::Timeout(after) => self.timeout(after, true),
             StopCause::Cancel => Error::Cancelled { worker_killed: true },
         }
     }

@@ -310,3 +310,33 @@ async fn an_access_token_is_a_plain_string_secret() {
     assert_eq!(records[0].message, "AccessToken is not a well formed JWT token");
     assert!(!format!("{error:?}").contains("not-a-jwt"), "the token is masked: {error:?}");
 }
+
+#[tokio::test]
+async fn a_certificate_from_a_base64_pfx_connects_in_memory() {
+    use base64::Engine as _;
+    let tenant = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let password = "Pfx-Secret-5d0c77aa";
+    let pfx = certificate(certs.path(), password).await;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&pfx).unwrap());
+    std::fs::remove_file(&pfx).unwrap(); // only the base64 text remains, as in a CI secret
+    let connect = |password: &str| {
+        Command::new("Connect-ExchangeOnline")
+            .param("AppId", APP_ID)
+            .param("Organization", "contoso.onmicrosoft.com")
+            .param("ShowBanner", false)
+            .param("EXOModuleBasePath", tenant.path().display().to_string())
+            .certificate_param("Certificate", SecretString::from(encoded.clone()), Some(SecretString::from(password.to_owned())))
+    };
+    let builder = common::builder().module_path(common::sim_modules()).module("ExchangeOnlineManagement").env("EXO_SIM_TENANT", tenant.path());
+    let mut rs = builder.clone().connect(connect(password)).open().await.unwrap();
+    let r = rs.invoke(&Command::new("Get-ConnectionInformation")).await.unwrap();
+    assert_eq!(r.output[0].value["CertificateAuthentication"], true, "{r:?}");
+    let r = rs.invoke(&Command::new("Get-EXOMailbox").param("Identity", "ContosoUser1")).await.unwrap();
+    assert!(r.succeeded(), "{:?}", r.errors);
+    rs.close().await.unwrap();
+
+    let error = builder.connect(connect("wrong-password")).open().await.unwrap_err().to_string();
+    assert!(error.contains("Certificate") && error.contains("cannot be opened"), "{error}");
+    assert!(!error.contains("wrong-password") && !error.contains(&encoded[..40]), "no secret in the message: {error}");
+}

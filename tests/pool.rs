@@ -616,3 +616,15 @@ async fn a_connector_that_fails_at_once_fails_the_open_with_its_reason() {
     let error = builder.open().await.unwrap_err();
     assert!(matches!(error, Error::Credentials { .. }) && error.to_string().contains("the token source said no"), "{error}");
 }
+
+#[tokio::test]
+async fn a_timeout_after_the_credentials_expired_names_them_as_the_likely_cause() {
+    let tenant = tempfile::tempdir().unwrap();
+    let (builder, _) = counting(tenant.path(), usize::MAX, Some(Duration::from_millis(1)));
+    let mut rs = builder.open().await.unwrap();
+    let slow = Command::script("Start-Sleep -Seconds 30").timeout(Duration::from_millis(500));
+    let error = rs.invoke(&slow).await.unwrap_err();
+    assert!(matches!(error, Error::Timeout { credentials_expired_at: Some(_), worker_killed: false, .. }), "{error:?}");
+    assert!(error.to_string().contains("credentials had expired at"), "{error}");
+    rs.close().await.unwrap();
+}

@@ -269,7 +269,7 @@ namespace PsBridge
                     foreach (var item in e.EnumerateArray()) list[n++] = From(item);
                     return list;
                 default:
-                    if (e.TryGetProperty("$psbridge", out var kind)) return Tagged(kind.GetString(), e.GetProperty("value"));
+                    if (e.TryGetProperty("$psbridge", out var kind)) return Tagged(kind.GetString(), e);
                     var table = new Hashtable(StringComparer.OrdinalIgnoreCase);
                     foreach (var p in e.EnumerateObject()) table[p.Name] = From(p.Value);
                     return table;
@@ -290,6 +290,29 @@ namespace PsBridge
             throw new ArgumentException("the number " + raw + " is beyond the range of a double");
         }
 
+        /// <summary>A certificate with its private key from a base64 PFX, kept in memory only.</summary>
+        /// <remarks>EphemeralKeySet keeps the private key out of the user's key store on disk; the PFX's bytes
+        /// are wiped once loaded. A wrong password fails here, with .NET's own message.</remarks>
+        private static System.Security.Cryptography.X509Certificates.X509Certificate2 Certificate(string pfxBase64, string password)
+        {
+            byte[] pfx;
+            try { pfx = Convert.FromBase64String(pfxBase64 ?? ""); }
+            catch (FormatException) { throw new ArgumentException("the certificate is not base64 (give the PFX file's bytes, base64-encoded)"); }
+            try
+            {
+#pragma warning disable SYSLIB0057 // X509CertificateLoader is .NET 9+, and PowerShell 7.4 runs on .NET 8
+                return new System.Security.Cryptography.X509Certificates.X509Certificate2(pfx, password,
+                    System.Security.Cryptography.X509Certificates.X509KeyStorageFlags.EphemeralKeySet);
+#pragma warning restore SYSLIB0057
+            }
+            catch (System.Security.Cryptography.CryptographicException e)
+            {
+                throw new ArgumentException("the certificate cannot be opened: " + e.Message +
+                    (password == null ? " (no password was given)" : " (check its password)"), e);
+            }
+            finally { Array.Clear(pfx); }
+        }
+
         /// <summary>A parameter's value; a value that cannot be read names the parameter.</summary>
         public static object Parameter(string name, JsonElement e)
         {
@@ -300,8 +323,9 @@ namespace PsBridge
             }
         }
 
-        private static object Tagged(string kind, JsonElement value)
+        private static object Tagged(string kind, JsonElement tagged)
         {
+            if (!tagged.TryGetProperty("value", out var value)) throw new ArgumentException("the {\"$psbridge\": \"" + kind + "\"} value has no \"value\"");
             switch (kind)
             {
                 case "securestring":
@@ -314,8 +338,9 @@ namespace PsBridge
                     var parsed = DateTimeOffset.Parse(value.GetString(), CultureInfo.InvariantCulture, DateTimeStyles.RoundtripKind);
                     return parsed.Offset == TimeSpan.Zero ? parsed.UtcDateTime : parsed.LocalDateTime;
                 case "bytes": return Convert.FromBase64String(value.GetString());
+                case "certificate": return Certificate(value.GetString(), tagged.TryGetProperty("password", out var password) ? password.GetString() : null);
                 default:
-                    throw new ArgumentException("unknown value tag {\"$psbridge\": \"" + kind + "\"}; the tags are securestring, secret, datetime and bytes");
+                    throw new ArgumentException("unknown value tag {\"$psbridge\": \"" + kind + "\"}; the tags are securestring, secret, datetime, bytes and certificate");
             }
         }
     }
