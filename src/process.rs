@@ -99,7 +99,9 @@ mod spawner {
 /// What the owner knows of a running worker process besides its pipes.
 #[derive(Debug)]
 pub(crate) struct ProcessMonitor {
-    pid: u32,
+    /// `None` only if the process was already reaped when the monitor started: then there is no group
+    /// to signal (and signalling group 0 would hit psbridge's own).
+    pid: Option<u32>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     kill_reason: Mutex<Option<String>>,
     kill: Notify,
@@ -109,17 +111,17 @@ pub(crate) struct ProcessMonitor {
 impl ProcessMonitor {
     /// Starts draining stderr and waiting for the process. Both run until the process is gone.
     pub(crate) fn start(mut child: Child, tail_lines: usize) -> Arc<ProcessMonitor> {
-        let pid = child.id().unwrap_or(0);
+        let pid = child.id();
         let stderr = child.stderr.take().expect("stderr is piped");
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(tail_lines)));
-        let drain = tokio::spawn(drain_stderr(stderr, pid, stderr_tail.clone(), tail_lines));
+        let drain = tokio::spawn(drain_stderr(stderr, pid.unwrap_or_default(), stderr_tail.clone(), tail_lines));
         let (exit_tx, exit) = watch::channel(None);
         let monitor = Arc::new(ProcessMonitor { pid, stderr_tail, kill_reason: Mutex::new(None), kill: Notify::new(), exit });
         tokio::spawn(reap(child, drain, monitor.clone(), exit_tx));
         monitor
     }
 
-    pub(crate) fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.pid
     }
 
@@ -183,8 +185,9 @@ async fn reap(
     };
     // Grandchildren (native programs a script started) share the group: end them too, so that nothing
     // outlives the worker. The pid was reaped an instant ago; Linux does not hand it out again that soon.
-    #[cfg(unix)]
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(monitor.pid as i32), nix::sys::signal::Signal::SIGKILL);
+    if let Some(pid) = monitor.pid {
+        kill_pgid(pid);
+    }
     // Let the drain read what the process wrote last; a grandchild holding stderr open must not stall us.
     let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
     let exit = WorkerExit {
@@ -192,16 +195,28 @@ async fn reap(
         stderr_tail: monitor.stderr_tail(),
         killed_by_bridge: monitor.kill_reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
     };
-    tracing::debug!(pid = monitor.pid, %exit, "worker exited");
+    tracing::debug!(pid = ?monitor.pid, %exit, "worker exited");
     let _ = exit_tx.send(Some(Arc::new(exit)));
 }
 
-fn kill_group(child: &mut Child, pid: u32) {
+fn kill_group(child: &mut Child, pid: Option<u32>) {
+    if let Some(pid) = pid {
+        kill_pgid(pid);
+    }
+    let _ = child.start_kill();
+}
+
+/// SIGKILL to the worker's process group (the worker is its group's leader). Never group 0 or 1:
+/// `killpg(0)` would signal psbridge's own group.
+fn kill_pgid(pid: u32) {
     #[cfg(unix)]
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    if let Ok(pgid) = i32::try_from(pid)
+        && pgid > 1
+    {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
+    }
     #[cfg(not(unix))]
     let _ = pid;
-    let _ = child.start_kill();
 }
 
 async fn drain_stderr(stderr: ChildStderr, pid: u32, tail: Arc<Mutex<VecDeque<String>>>, keep: usize) {

@@ -79,6 +79,67 @@ pub struct ErrorRecord {
     pub terminating: bool,
 }
 
+impl ErrorRecord {
+    /// Replaces every occurrence of `secret` with `********` in every text of the record, so that a
+    /// record about a failed connect can be shown and logged.
+    ///
+    /// ```
+    /// use psbridge::ErrorRecord;
+    /// let mut r: ErrorRecord = serde_json::from_value(serde_json::json!({
+    ///     "message": "bad token abc123", "reason": "abc123", "category": "abc123", "terminating": true,
+    ///     "exception_message": null, "exception_type": null, "fully_qualified_error_id": null, "activity": null,
+    ///     "target_name": null, "target_type": null, "category_info": null, "target_object": null,
+    ///     "script_stack_trace": "at abc123", "position_message": null, "command": null
+    /// })).unwrap();
+    /// r.redact("abc123");
+    /// assert!(!format!("{r:?}").contains("abc123"));
+    /// assert_eq!(r.message, "bad token ********");
+    /// ```
+    pub fn redact(&mut self, secret: &str) {
+        if secret.is_empty() {
+            return;
+        }
+        // Every field is named here, so that a text field added later cannot be forgotten.
+        let ErrorRecord {
+            message,
+            exception_message,
+            exception_type,
+            fully_qualified_error_id,
+            category,
+            activity,
+            reason,
+            target_name,
+            target_type,
+            category_info,
+            target_object,
+            script_stack_trace,
+            position_message,
+            command,
+            terminating: _,
+        } = self;
+        let optional = [
+            exception_message,
+            exception_type,
+            fully_qualified_error_id,
+            activity,
+            reason,
+            target_name,
+            target_type,
+            category_info,
+            target_object,
+            script_stack_trace,
+            position_message,
+            command,
+        ];
+        let fields = [message, category].into_iter().chain(optional.into_iter().filter_map(Option::as_mut));
+        for field in fields {
+            if field.contains(secret) {
+                *field = field.replace(secret, "********");
+            }
+        }
+    }
+}
+
 /// A record of the Information stream (`Write-Information`, and `Write-Host` with the tag `PSHOST`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InformationRecord {

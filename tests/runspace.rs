@@ -671,3 +671,26 @@ async fn the_workers_runtime_setting_stays_out_of_the_session() {
     assert_eq!(seen(common::plain().await).await, ["", ""]);
     assert_eq!(seen(common::builder().env("DOTNET_TieredPGO", "1").open().await.unwrap()).await, ["1", ""]);
 }
+
+#[tokio::test]
+async fn a_worker_that_closes_its_stdout_but_lives_on_is_killed_after_the_stop_grace() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A worker that answers the handshake and the set-up, then closes its stdout and lives on.
+    let script = r#"#!/bin/sh
+echo '{"t":"ready","protocol":1,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":'$$'}'
+read setup
+echo '{"t":"done","id":1,"state":"Completed","had_errors":false,"duration_ms":1}'
+read invoke
+exec 1>&-
+exec sleep 600
+"#;
+    let fake = dir.path().join("closes-stdout");
+    std::fs::write(&fake, script).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut rs = psbridge::Runspace::builder().pwsh(&fake).stop_grace(Duration::from_millis(500)).open().await.unwrap();
+    let pid = rs.pid();
+    let error = tokio::time::timeout(Duration::from_secs(20), rs.invoke(&Command::script("1"))).await.expect("bounded").unwrap_err();
+    assert!(error.to_string().contains("closed its stdout but did not exit"), "{error}");
+    assert!(common::gone_within(pid, Duration::from_secs(5)).await, "the worker was killed");
+}
