@@ -342,8 +342,8 @@ mod tests {
 
     #[test]
     fn the_worker_reads_requests_with_the_same_value_depth() {
-        let host = include_str!("../scripts/worker/PsBridgeHost.cs");
-        assert!(host.contains(&format!("public const int MaxValueDepth = {MAX_VALUE_DEPTH};")), "PsBridgeHost.cs and MAX_VALUE_DEPTH differ");
+        let host = include_str!("../scripts/worker/host/Protocol.cs");
+        assert!(host.contains(&format!("public const int MaxValueDepth = {MAX_VALUE_DEPTH};")), "Protocol.cs and MAX_VALUE_DEPTH differ");
     }
 
     #[test]

@@ -4,9 +4,18 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
 const WORKER_SCRIPT: &str = include_str!("../scripts/worker/worker.ps1");
-const WORKER_HOST: &str = include_str!("../scripts/worker/PsBridgeHost.cs");
 
-/// A private temporary folder holding `worker.ps1` and `PsBridgeHost.cs`.
+/// The worker host's C# sources, one file per concept, compiled together by `worker.ps1`.
+pub(crate) const HOST_SOURCES: &[(&str, &str)] = &[
+    ("Executor.cs", include_str!("../scripts/worker/host/Executor.cs")),
+    ("Host.cs", include_str!("../scripts/worker/host/Host.cs")),
+    ("Inbox.cs", include_str!("../scripts/worker/host/Inbox.cs")),
+    ("Protocol.cs", include_str!("../scripts/worker/host/Protocol.cs")),
+    ("Serializer.cs", include_str!("../scripts/worker/host/Serializer.cs")),
+    ("Values.cs", include_str!("../scripts/worker/host/Values.cs")),
+];
+
+/// A private temporary folder holding `worker.ps1` and the host's sources in `host/`.
 ///
 /// Written once and shared by every runspace alive at the same time; the folder is removed when the
 /// last of them is gone.
@@ -36,7 +45,11 @@ impl WorkerFiles {
         builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
         let dir = builder.tempdir()?;
         std::fs::write(dir.path().join("worker.ps1"), WORKER_SCRIPT)?;
-        std::fs::write(dir.path().join("PsBridgeHost.cs"), WORKER_HOST)?;
+        let host = dir.path().join("host");
+        std::fs::create_dir(&host)?;
+        for (name, text) in HOST_SOURCES {
+            std::fs::write(host.join(name), text)?;
+        }
         Ok(WorkerFiles { dir })
     }
 
@@ -74,5 +87,18 @@ mod tests {
         }
         drop((a, b));
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn every_host_source_is_embedded() {
+        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/worker/host");
+        let mut on_disk: Vec<String> = std::fs::read_dir(folder)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".cs"))
+            .collect();
+        on_disk.sort();
+        let embedded: Vec<&str> = HOST_SOURCES.iter().map(|(name, _)| *name).collect();
+        assert_eq!(on_disk, embedded, "HOST_SOURCES lists scripts/worker/host/*.cs in order");
     }
 }

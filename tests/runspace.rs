@@ -694,3 +694,23 @@ exec sleep 600
     assert!(error.to_string().contains("closed its stdout but did not exit"), "{error}");
     assert!(common::gone_within(pid, Duration::from_secs(5)).await, "the worker was killed");
 }
+
+#[tokio::test]
+async fn the_host_cache_keeps_other_powershell_versions_builds() {
+    let cache = tempfile::tempdir().unwrap();
+    let other_version = cache.path().join("PsBridgeHost-7.4.0-0123456789ABCDEF.dll");
+    let unversioned = cache.path().join("PsBridgeHost-0123456789ABCDEF.dll");
+    std::fs::write(&other_version, b"another PowerShell's build").unwrap();
+    std::fs::write(&unversioned, b"an older psbridge's build").unwrap();
+    let rs = common::builder().assembly_cache(Some(cache.path().to_owned())).open().await.unwrap();
+    let version = rs.info().ps_version.clone();
+    let stale_same_version = cache.path().join(format!("PsBridgeHost-{version}-FFFFFFFFFFFFFFFF.dll"));
+    std::fs::write(&stale_same_version, b"an older build for this version").unwrap();
+    rs.close().await.unwrap();
+    let rs = common::builder().assembly_cache(Some(cache.path().to_owned())).open().await.unwrap();
+    rs.close().await.unwrap();
+    let builds: Vec<String> = std::fs::read_dir(cache.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(other_version.exists(), "another PowerShell version's build is kept: {builds:?}");
+    assert!(!stale_same_version.exists() && !unversioned.exists(), "stale builds are removed: {builds:?}");
+    assert_eq!(builds.iter().filter(|b| b.starts_with(&format!("PsBridgeHost-{version}-"))).count(), 1, "{builds:?}");
+}

@@ -4,8 +4,8 @@
 
 .DESCRIPTION
     Started by psbridge as `pwsh -NoLogo -NoProfile -NonInteractive -File worker.ps1 -CacheDirectory DIR`.
-    The protocol and the object serializer live in PsBridgeHost.cs beside this file; this script puts the
-    process into a safe state, loads that code, and runs the request loop.
+    The protocol, the host and the object serializer live in host/*.cs beside this file (one file per
+    concept); this script puts the process into a safe state, loads that code, and runs the request loop.
 
     Order matters: encodings and the stdio guard come before anything that could print, and the ready
     message is the first line the owner ever sees on stdout.
@@ -33,7 +33,7 @@ function Set-Utf8Everywhere {
 
 function Clear-WorkerOnlySetting {
     <#
-        psbridge turns .NET's tiered PGO off for its workers (see process_command in src/runspace.rs). The
+        psbridge turns .NET's tiered PGO off for its workers (see process_command in src/runspace/builder.rs). The
         runtime read it at start-up; removing it here keeps it from user commands and child processes.
     #>
     if ($env:PSBRIDGE_UNSET_TIERED_PGO -eq '1') {
@@ -42,28 +42,42 @@ function Clear-WorkerOnlySetting {
     }
 }
 
-function Get-HostSourceHash {
-    param([string] $Source)
-    $bytes = [System.Text.Encoding]::UTF8.GetBytes($Source + $PSVersionTable.PSVersion.ToString())
-    [Convert]::ToHexString([System.Security.Cryptography.SHA256]::HashData($bytes)).Substring(0, 16)
+function Get-HostSource {
+    <# The host's C# files, in a fixed order. #>
+    [System.IO.Directory]::GetFiles((Join-Path $PSScriptRoot 'host'), '*.cs') | Sort-Object
+}
+
+function Get-HostBuildName {
+    <#
+        The cached DLL's name: the PowerShell version it was compiled against, then a hash of the sources.
+        Two PowerShell versions sharing one cache keep a build each instead of deleting each other's.
+    #>
+    param([string[]] $Files)
+    $text = [System.Text.StringBuilder]::new()
+    foreach ($file in $Files) {
+        [void]$text.Append([System.IO.Path]::GetFileName($file)).Append("`n").Append([System.IO.File]::ReadAllText($file))
+    }
+    $bytes = [System.Text.Encoding]::UTF8.GetBytes($text.ToString())
+    $hash = [Convert]::ToHexString([System.Security.Cryptography.SHA256]::HashData($bytes)).Substring(0, 16)
+    "PsBridgeHost-{0}-{1}.dll" -f $PSVersionTable.PSVersion, $hash
 }
 
 function Import-BridgeHost {
-    <# Compiles PsBridgeHost.cs, or loads the DLL an earlier worker compiled from the same source. #>
+    <# Compiles host/*.cs, or loads the DLL an earlier worker compiled from the same sources. #>
     param([string] $CacheDirectory)
     if ('PsBridge.Protocol' -as [type]) { return }
-    $source = [System.IO.File]::ReadAllText((Join-Path $PSScriptRoot 'PsBridgeHost.cs'))
+    $files = @(Get-HostSource)
     if (-not $CacheDirectory) {
-        Add-Type -TypeDefinition $source -Language CSharp
+        Add-Type -Path $files
         return
     }
-    $dll = Join-Path $CacheDirectory ("PsBridgeHost-{0}.dll" -f (Get-HostSourceHash $source))
+    $dll = Join-Path $CacheDirectory (Get-HostBuildName -Files $files)
     if (-not [System.IO.File]::Exists($dll)) {
         [void][System.IO.Directory]::CreateDirectory($CacheDirectory)
         # Compile to a private name, then rename: workers starting together never load a half-written DLL.
         $partial = "$dll.$PID.tmp"
         try {
-            Add-Type -TypeDefinition $source -Language CSharp -OutputAssembly $partial -OutputType Library
+            Add-Type -Path $files -OutputAssembly $partial -OutputType Library
             [System.IO.File]::Move($partial, $dll, $true)
         }
         finally {
@@ -75,9 +89,15 @@ function Import-BridgeHost {
 }
 
 function Remove-StaleHostBuild {
-    <# Deletes DLLs that older psbridge builds cached; one still loaded elsewhere (Windows) is left. #>
+    <#
+        Deletes DLLs that older psbridge builds cached for this PowerShell version (and those named before
+        builds carried the version); one still loaded elsewhere (Windows) is left.
+    #>
     param([string] $CacheDirectory, [string] $Keep)
-    foreach ($stale in [System.IO.Directory]::GetFiles($CacheDirectory, 'PsBridgeHost-*.dll')) {
+    $ours = [System.IO.Directory]::GetFiles($CacheDirectory, "PsBridgeHost-$($PSVersionTable.PSVersion)-*.dll")
+    $unversioned = [System.IO.Directory]::GetFiles($CacheDirectory, 'PsBridgeHost-*.dll') |
+        Where-Object { [System.IO.Path]::GetFileName($_) -match '^PsBridgeHost-[0-9A-F]{16}\.dll$' }
+    foreach ($stale in @($ours) + @($unversioned)) {
         if ($stale -eq $Keep) { continue }
         try { [System.IO.File]::Delete($stale) } catch [System.IO.IOException], [System.UnauthorizedAccessException] { }
     }
