@@ -121,10 +121,11 @@ pub async fn run(args: RunArgs, globals: Globals) -> Result<(), CliError> {
     let globals = globals.with_simulated(args.simulated);
     let (_, profile) = globals.profile()?;
     let source = ParamsSource::from_arg(&args.params);
-    // Limits are checked before anything starts.
-    let command = command_from(&args, &source)?;
+    // Secrets first, so that a secret wanting standard input is refused before --params - reads it.
     let mut secrets = SecretReader::with_stdin_taken(source.uses_stdin().then(|| "--params -".to_owned()));
     let builder = builder_from(&args, &profile, &mut secrets)?;
+    // Limits are checked before anything starts.
+    let command = command_from(&args, &source)?;
     let mut runspace = tokio::select! {
         opened = builder.open() => opened?,
         signal = signals.recv() => return Err(CliError::Interrupted(signal)),
