@@ -115,7 +115,7 @@ fn gone_within(pid: u32, limit: Duration) -> bool {
 fn the_help_shows_the_exit_status_table() {
     let env = plain();
     let help = text(&env.run(&["--help"]).stdout);
-    for row in ["124  the command timed out", "141  the program reading stdout closed it", "74   the output could not be written", "143  SIGTERM"] {
+    for row in ["  0    success", "  124  the command timed out", "  141  the program reading stdout closed it", "  74   the output could not be written", "  143  SIGTERM"] {
         assert!(help.contains(row), "--help lacks {row:?}:\n{help}");
     }
 }

@@ -35,18 +35,24 @@ pub const EXIT_TERMINATED: u8 = 143;
 
 /// Every exit status in words: the table `--help` shows and the README repeats (a test keeps them the
 /// same).
-pub const STATUS_TABLE: &str = "\
-  0    success (a script's `exit 0` too)
-  1    the command wrote an error record or did not run to the end (a batch item or a doctor check failed)
-  2    bad usage, input or configuration (a missing module included)
-  3    a worker could not be started, connected or kept
-  N    `run`: a script's `exit N`, as the system reports it (N & 0xFF: `exit 256` is 0)
-  71   the system refused a resource psbridge needs (threads, the async runtime)
-  74   the output could not be written (full disk, closed file), one message on stderr
-  124  the command timed out (the message says whether the worker was kept or replaced)
-  130  interrupted by Ctrl-C: the command is stopped, the worker disconnected
-  141  the program reading stdout closed it (`head -1`): psbridge stops quietly
-  143  SIGTERM: as Ctrl-C";
+pub const STATUS_TABLE: &[(&str, &str)] = &[
+    ("0", "success (a script's `exit 0` too)"),
+    ("1", "the command wrote an error record or did not finish; a batch item or doctor check failed"),
+    ("2", "bad usage, input or configuration (a missing module included)"),
+    ("3", "a worker could not be started, connected or kept"),
+    ("N", "`run`: a script's `exit N`, as the system reports it (N & 0xFF: `exit 256` is 0)"),
+    ("71", "the system refused a resource psbridge needs (threads, the async runtime)"),
+    ("74", "the output could not be written (full disk, closed file), one message on stderr"),
+    ("124", "the command timed out (the message says whether the worker was kept or replaced)"),
+    ("130", "interrupted by Ctrl-C: the command is stopped, the worker disconnected"),
+    ("141", "the program reading stdout closed it (`head -1`): psbridge stops quietly"),
+    ("143", "SIGTERM: as Ctrl-C"),
+];
+
+/// [`STATUS_TABLE`] as text, one indented line per status.
+pub fn status_table() -> String {
+    STATUS_TABLE.iter().map(|(code, meaning)| format!("  {code:<5}{meaning}")).collect::<Vec<_>>().join("\n")
+}
 
 /// Why `psbridge` ends with a status other than 0. Variants without a message are quiet: what the user
 /// needs to know was already printed (error records on stderr, a batch summary, doctor's report).
@@ -300,9 +306,8 @@ mod tests {
     #[test]
     fn the_readme_has_the_same_status_table() {
         let readme = include_str!("../../../README.md");
-        for line in STATUS_TABLE.lines() {
-            let (code, meaning) = line.trim().split_once(' ').unwrap();
-            let row = format!("| {code} | {} |", meaning.trim());
+        for (code, meaning) in STATUS_TABLE {
+            let row = format!("| {code} | {meaning} |");
             assert!(readme.contains(&row), "the README's exit status table lacks the row\n{row}");
         }
     }

@@ -94,7 +94,7 @@ impl Globals {
     }
 }
 
-/// The top-level help's closing text: examples, profiles, exit statuses (from [`exit::STATUS_TABLE`]).
+/// The top-level help's closing text: examples, profiles, exit statuses ([`exit::STATUS_TABLE`]).
 fn after_help() -> String {
     format!(
         "Examples:\n  \
@@ -107,7 +107,7 @@ fn after_help() -> String {
         input, never from the file itself. The `simulated` profile is built in.\n\n\
         Exit status:\n{}\n\n\
         Logging: RUST_LOG=psbridge=debug shows the workers' lives and their stderr.",
-        exit::STATUS_TABLE
+        exit::status_table()
     )
 }
 

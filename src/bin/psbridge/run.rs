@@ -22,9 +22,7 @@ use crate::Globals;
 /// records to stderr (or all of them into one JSON object with --envelope). Ctrl-C or SIGTERM stops the
 /// command and disconnects; the output printed so far stays whole (a JSON array is closed).
 ///
-/// Exit status: 0 success, 1 the command wrote an error record or did not complete, 2 bad usage, input
-/// or configuration, 3 no worker, a script's `exit N` as N, 74 the output cannot be written, 124
-/// timeout, 130 Ctrl-C, 141 stdout closed by its reader, 143 SIGTERM (psbridge --help has the table).
+/// Exit status: 0 on success, a script's `exit N` as N; `psbridge --help` has the table.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     psbridge run --simulated Get-Mailbox --params '{\"Identity\": \"ContosoUser1\"}'\n  \
