@@ -114,8 +114,6 @@ pub enum Format {
 
 /// Runs the command; every failure, and every exit status but 0, is the returned [`CliError`].
 pub async fn run(args: RunArgs, globals: Globals) -> Result<(), CliError> {
-    // Listening from the start: a signal during start-up stops it (the worker is killed) with its status.
-    let mut signals = Signals::new().map_err(CliError::Runtime)?;
     let globals = globals.with_simulated(args.simulated);
     let (_, profile) = globals.profile()?;
     let source = ParamsSource::from_arg(&args.params);
@@ -124,6 +122,9 @@ pub async fn run(args: RunArgs, globals: Globals) -> Result<(), CliError> {
     let builder = builder_from(&args, &profile, &mut secrets)?;
     // Limits are checked before anything starts.
     let command = command_from(&args, &source)?;
+    // Listening only once standard input has been read: until then Ctrl-C ends psbridge as it would any
+    // program (a blocking read would not see it). From here a signal during start-up kills the worker.
+    let mut signals = Signals::new().map_err(CliError::Runtime)?;
     let mut runspace = tokio::select! {
         opened = builder.open() => opened?,
         signal = signals.recv() => return Err(CliError::Interrupted(signal)),
