@@ -80,11 +80,31 @@ impl Serialize for Setup<'_> {
 }
 
 /// Encodes a message as one line. The buffer is wiped when dropped, because an `invoke` may hold secrets.
+///
+/// The line is measured first and allocated once: a growing buffer would copy the message at every
+/// doubling (a 50 MB parameter cost 96 MB at the last one) and leave the outgrown buffers, secrets
+/// included, unwiped in freed memory.
 pub(crate) fn encode(message: &impl Serialize) -> Zeroizing<Vec<u8>> {
-    let mut line = Zeroizing::new(Vec::with_capacity(256));
+    let mut length = ByteCount(0);
+    serde_json::to_writer(&mut length, message).expect("protocol messages always serialize");
+    let mut line = Zeroizing::new(Vec::with_capacity(length.0 + 1));
     serde_json::to_writer(&mut *line, message).expect("protocol messages always serialize");
     line.push(b'\n');
     line
+}
+
+/// A writer that only counts the bytes written to it.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// An `invoke` request. Serializing it exposes secrets: only [`encode`] does that, for the worker's stdin.
@@ -293,6 +313,14 @@ mod tests {
         assert_eq!(first["parameters"]["CertificatePassword"]["$psbridge"], "securestring");
         assert_eq!(v["pipeline"][1]["parameters"]["First"], 1);
         assert!(!format!("{command:?}").contains("p@ss"), "Debug output must not show secrets");
+    }
+
+    #[test]
+    fn a_line_is_allocated_once_at_its_length() {
+        let command = Command::script("param($V) $V.Length").param("V", "é\"x".repeat(10_000));
+        let line = encode(&Invoke { id: 1, command: &command });
+        assert_eq!(line.capacity(), line.len(), "no spare capacity, so no reallocation happened");
+        assert_eq!(line.last(), Some(&b'\n'));
     }
 
     #[test]

@@ -119,10 +119,10 @@ fn a_bridge_that_cannot_start_exits_3() {
 }
 
 #[test]
-fn a_timeout_exits_3_and_says_so() {
+fn a_timeout_exits_124_and_says_so() {
     let output = Command::cargo_bin("psbridge").unwrap().args(["run", "--script", "Start-Sleep 60", "--timeout", "1"]).output().unwrap();
-    assert_eq!(output.status.code(), Some(3));
-    assert!(String::from_utf8(output.stderr).unwrap().contains("timed out after 1s"));
+    assert_eq!(output.status.code(), Some(124));
+    assert!(String::from_utf8(output.stderr).unwrap().contains("timed out after 1 s"));
 }
 
 /// Every process whose process group is `pgid`.

@@ -66,6 +66,9 @@ pub struct ProfileSpec {
     pub start_timeout_secs: Option<f64>,
     /// Seconds the connect command may take (default 180).
     pub connect_timeout_secs: Option<f64>,
+    /// How deeply output objects are serialized: deeper ones arrive as their `ToString()` (default:
+    /// the library's; `run --depth` overrides).
+    pub depth: Option<u32>,
     /// Run once after the modules are imported, with its secrets from their sources.
     pub connect: Option<CommandSpec>,
     /// Run when a worker closes.
@@ -237,6 +240,21 @@ impl Config {
                     }
                 }
             }
+            for module in &profile.get_ref().modules {
+                if let Some(version) = module.minimum_version()
+                    && !is_version(version)
+                {
+                    return Err(ConfigError::Invalid {
+                        path: self.path.clone().unwrap_or_default(),
+                        line: self.line_of_text(version, profile.span().start),
+                        message: format!(
+                            "profiles.{name}.modules: minimum_version {version:?} of module {} is not a version; \
+                             write two to four numbers separated by dots, such as \"3.4.0\"",
+                            module.name()
+                        ),
+                    });
+                }
+            }
             if profile.get_ref().workers == Some(0) {
                 return Err(self.invalid(profile.span(), format!("profiles.{name}.workers must be at least 1")));
             }
@@ -263,6 +281,13 @@ impl Config {
         self.text[..offset.min(self.text.len())].matches('\n').count() + 1
     }
 
+    /// The line of the first quoted `text` at or after byte `from` (else the line of `from`).
+    fn line_of_text(&self, text: &str, from: usize) -> usize {
+        let quoted = [format!("\"{text}\""), format!("'{text}'")];
+        let found = quoted.iter().filter_map(|q| self.text.get(from..)?.find(q.as_str())).min();
+        self.line_at(from + found.unwrap_or(0))
+    }
+
     fn line_of(&self, key: &str) -> usize {
         self.text.lines().position(|l| l.trim_start().starts_with(key)).map_or(1, |i| i + 1)
     }
@@ -281,6 +306,13 @@ impl Config {
     pub fn profile_line(&self, name: &str) -> Option<usize> {
         Some(self.line_at(self.file.profiles.get(name)?.span().start))
     }
+}
+
+/// Whether `text` is a version as .NET's `System.Version` reads it: two to four numbers separated by
+/// dots, each fitting an `i32`.
+fn is_version(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('.').collect();
+    (2..=4).contains(&parts.len()) && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<i32>().is_ok())
 }
 
 /// `<config folder>/psbridge/config.toml`.
@@ -336,6 +368,16 @@ max_attempts = 3
     }
 
     #[test]
+    fn versions_are_what_dotnet_reads() {
+        for good in ["3.4", "3.4.0", "1.2.3.4", "0.0"] {
+            assert!(is_version(good), "{good}");
+        }
+        for bad in ["3", "3.x", "v3.4", "3.4.0.0.0", "3..4", "", "99999999999.0", "3.4-beta"] {
+            assert!(!is_version(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_line_and_key() {
         let error = parse("[profiles.a]\nworkers = 2\nwokers = 3\n").unwrap_err().to_string();
         assert!(error.contains("line 3") && error.contains("wokers"), "{error}");
@@ -343,6 +385,8 @@ max_attempts = 3
         assert!(error.contains("line 3") && error.contains("exactly one source"), "{error}");
         let error = parse("[profiles.simulated]\n").unwrap_err().to_string();
         assert!(error.contains("built in"), "{error}");
+        let error = parse("[profiles.a]\nworkers = 2\nmodules = [{ name = \"M\", minimum_version = \"3.x\" }]\n").unwrap_err().to_string();
+        assert!(error.contains("line 3") && error.contains("minimum_version \"3.x\" of module M is not a version"), "{error}");
         let error = parse("default_profile = \"nope\"\n").unwrap_err().to_string();
         assert!(error.contains("line 1") && error.contains("nope"), "{error}");
     }

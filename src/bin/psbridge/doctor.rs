@@ -11,7 +11,8 @@ use serde_json::Value;
 use crate::config::{Config, SIMULATED};
 use crate::profile::Profile;
 use crate::secret::{self, SecretReader};
-use crate::{EXIT_COMMAND_ERRORS, EXIT_OK, Globals};
+use crate::exit::CliError;
+use crate::{EXIT_COMMAND_ERRORS, Globals};
 
 /// Days before a certificate expires when doctor starts to warn.
 const EXPIRY_WARNING_DAYS: f64 = 30.0;
@@ -77,7 +78,7 @@ impl Report {
     }
 }
 
-pub async fn run(args: DoctorArgs, globals: Globals) -> u8 {
+pub async fn run(args: DoctorArgs, globals: Globals) -> Result<(), CliError> {
     let globals = globals.with_simulated(args.simulated);
     let mut report = Report::default();
     if let Some(profile) = configuration(&mut report, &globals, globals.profile.as_deref()) {
@@ -85,9 +86,9 @@ pub async fn run(args: DoctorArgs, globals: Globals) -> u8 {
     }
     if report.failed {
         println!("\nSome checks failed: fix them before running psbridge with this profile.");
-        EXIT_COMMAND_ERRORS
+        Err(CliError::Reported(EXIT_COMMAND_ERRORS))
     } else {
-        EXIT_OK
+        Ok(())
     }
 }
 

@@ -3,13 +3,16 @@
 mod batch;
 mod config;
 mod doctor;
+mod exit;
 mod output;
+mod params;
 mod profile;
 mod run;
 mod secret;
+mod signals;
 mod simulated;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,17 +20,9 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::Config;
+use crate::exit::CliError;
+pub use crate::exit::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE};
 use crate::profile::Profile;
-/// Exit status: the command ran and reported no errors.
-pub const EXIT_OK: u8 = 0;
-/// Exit status: the command reported errors (PowerShell's HadErrors).
-pub const EXIT_COMMAND_ERRORS: u8 = 1;
-/// Exit status: bad usage or bad input.
-pub const EXIT_USAGE: u8 = 2;
-/// Exit status: the bridge could not start, connect or keep its worker.
-pub const EXIT_BRIDGE: u8 = 3;
-/// Exit status: interrupted by Ctrl-C (or SIGTERM for `batch`).
-pub const EXIT_INTERRUPTED: u8 = 130;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,17 +32,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
     long_about = "Run PowerShell and Exchange Online cmdlets through long-lived pwsh workers.\n\n\
         Parameters are passed as JSON and bound by name (never pasted into script text); results come \
         back as JSON with every PowerShell stream kept apart.",
-    after_help = "Examples:\n  \
-        psbridge run --profile simulated Get-Mailbox --params '{\"Identity\": \"ContosoUser1\"}'\n  \
-        psbridge batch --profile contoso --command Set-Mailbox changes.csv -o results.jsonl\n  \
-        psbridge doctor --profile contoso\n  \
-        psbridge completions bash > ~/.local/share/bash-completion/completions/psbridge\n\n\
-        Profiles: a TOML file (--config, PSBRIDGE_CONFIG, default ~/.config/psbridge/config.toml) names how \
-        to start and connect workers; secrets come from environment variables, private files or standard \
-        input, never from the file itself. The `simulated` profile is built in.\n\n\
-        Exit status: 0 success, 1 the command (or a batch item, or a doctor check) failed, 2 bad usage, \
-        input or configuration, 3 the bridge could not start, connect or keep its worker, 130 interrupted.\n\n\
-        Logging: RUST_LOG=psbridge=debug shows the workers' lives and their stderr."
+    after_help = after_help()
 )]
 struct Cli {
     /// The configuration file [default: ~/.config/psbridge/config.toml, when it exists].
@@ -101,46 +86,57 @@ impl Globals {
         self
     }
 
-    /// The configuration and the chosen profile; on failure, prints why and returns the exit status.
-    pub fn profile(&self) -> Result<(Config, Profile), u8> {
-        let config = Config::load(self.config.as_deref()).map_err(|error| {
-            eprintln!("psbridge: {error}");
-            EXIT_USAGE
-        })?;
-        let profile = Profile::find(&config, self.profile.as_deref()).map_err(|error| {
-            eprintln!("psbridge: {error}");
-            EXIT_USAGE
-        })?;
+    /// The configuration and the chosen profile.
+    pub fn profile(&self) -> Result<(Config, Profile), CliError> {
+        let config = Config::load(self.config.as_deref())?;
+        let profile = Profile::find(&config, self.profile.as_deref())?;
         Ok((config, profile))
     }
 }
 
+/// The top-level help's closing text: examples, profiles, exit statuses ([`exit::STATUS_TABLE`]).
+fn after_help() -> String {
+    format!(
+        "Examples:\n  \
+        psbridge run --profile simulated Get-Mailbox --params '{{\"Identity\": \"ContosoUser1\"}}'\n  \
+        psbridge batch --profile contoso --command Set-Mailbox changes.csv -o results.jsonl\n  \
+        psbridge doctor --profile contoso\n  \
+        psbridge completions bash > ~/.local/share/bash-completion/completions/psbridge\n\n\
+        Profiles: a TOML file (--config, PSBRIDGE_CONFIG, default ~/.config/psbridge/config.toml) names how \
+        to start and connect workers; secrets come from environment variables, private files or standard \
+        input, never from the file itself. The `simulated` profile is built in.\n\n\
+        Exit status:\n{}\n\n\
+        Logging: RUST_LOG=psbridge=debug shows the workers' lives and their stderr.",
+        exit::status_table()
+    )
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    match start() {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let _ = error.print();
-            return ExitCode::from(if error.use_stderr() { EXIT_USAGE } else { EXIT_OK });
+            error.report();
+            ExitCode::from(error.exit_code())
         }
-    };
+    }
+}
+
+/// Parses the command line and runs the subcommand; every failure comes back here as one [`CliError`].
+fn start() -> Result<(), CliError> {
+    let cli = Cli::try_parse()?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("psbridge: cannot start the async runtime: {error}");
-            return ExitCode::from(EXIT_BRIDGE);
-        }
-    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(CliError::Runtime)?;
     let globals = Globals { config: cli.config, profile: cli.profile };
-    let code = runtime.block_on(async {
+    runtime.block_on(async {
         match cli.command {
             Commands::Run(args) => run::run(args, globals).await,
-            Commands::Batch(args) => batch::run(args, globals).await,
+            Commands::Batch(args) => exit::from_status(batch::run(args, globals).await),
             Commands::Doctor(args) => doctor::run(args, globals).await,
             Commands::Completions { shell } => print_generated(|out| {
                 clap_complete::generate(shell, &mut Cli::command(), "psbridge", out);
@@ -148,32 +144,28 @@ fn main() -> ExitCode {
             }),
             Commands::Man => print_generated(|out| clap_mangen::Man::new(Cli::command()).render(out)),
         }
-    });
-    ExitCode::from(code)
+    })
 }
 
-/// `seconds` as a duration, when it is a positive, finite number.
+/// The longest time an option or profile key in seconds may give: a year. Longer is surely a mistake
+/// (and beyond what a deadline can hold).
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// The accepted range of seconds, in words.
+pub const SECONDS_RANGE: &str = "a number of seconds above 0 and at most 31536000 (a year)";
+
+/// `seconds` as a duration, when it is above 0 and at most [`MAX_SECONDS`].
 pub fn positive_duration(seconds: f64) -> Option<Duration> {
-    (seconds.is_finite() && seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+    (seconds > 0.0 && seconds <= MAX_SECONDS).then(|| Duration::from_secs_f64(seconds))
 }
 
 /// Parses an option given in seconds (`--timeout 1.5`).
 pub fn parse_seconds(text: &str) -> Result<Duration, String> {
-    text.trim()
-        .parse::<f64>()
-        .ok()
-        .and_then(positive_duration)
-        .ok_or_else(|| format!("must be a positive number of seconds, not {text}"))
+    text.trim().parse::<f64>().ok().and_then(positive_duration).ok_or_else(|| format!("must be {SECONDS_RANGE}, not {text}"))
 }
 
 /// Prints a generated text (completions, manual page) on stdout.
-fn print_generated(write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> u8 {
+fn print_generated(write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
-    match write(&mut out).and_then(|()| out.flush()) {
-        Ok(()) => EXIT_OK,
-        Err(error) => {
-            eprintln!("psbridge: cannot write: {error}");
-            EXIT_BRIDGE
-        }
-    }
+    write(&mut out).and_then(|()| out.flush()).map_err(CliError::output)
 }

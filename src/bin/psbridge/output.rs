@@ -3,9 +3,10 @@
 use std::io::{self, Write};
 
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
-use psbridge::{Completion, ErrorRecord, InformationRecord, ProgressRecord, PsObject, StreamItem};
+use psbridge::{Completion, InformationRecord, PipelineState, ProgressRecord, PsObject, StreamItem};
 use serde_json::{Value, json};
 
+use crate::exit::write_error_record;
 use crate::run::Format;
 
 /// Most columns a table shows; the rest are named on stderr.
@@ -18,8 +19,15 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// The properties named, each once: `Alias,alias` is one column (the first spelling asked).
     pub fn new(properties: &[String]) -> Self {
-        Selection { properties: properties.iter().map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect() }
+        let mut kept: Vec<String> = Vec::new();
+        for property in properties.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+            if !kept.iter().any(|k| k.eq_ignore_ascii_case(property)) {
+                kept.push(property.to_owned());
+            }
+        }
+        Selection { properties: kept }
     }
 
     /// The object with only the selected properties (matched case-insensitively, the object's spelling
@@ -47,21 +55,39 @@ impl Selection {
 }
 
 /// Writes output objects as they arrive (json, jsonl and csv stream; a table needs them all first).
+///
+/// Whatever happens, the output stays whole: [`finish`](Self::finish) closes the JSON array or prints the
+/// table of the objects seen so far, and every JSON line and CSV row is written whole.
 pub struct OutputWriter<W: Write> {
     out: W,
     format: Format,
     selection: Selection,
+    /// No notes on stderr (columns left out).
+    quiet: bool,
     written: usize,
+    finished: bool,
     table_rows: Vec<Value>,
     csv_columns: Vec<String>,
     csv_dropped: Vec<String>,
 }
 
 impl<W: Write> OutputWriter<W> {
-    pub fn new(out: W, format: Format, selection: Selection) -> Self {
-        OutputWriter { out, format, selection, written: 0, table_rows: Vec::new(), csv_columns: Vec::new(), csv_dropped: Vec::new() }
+    /// A writer of `format` on `out`, keeping the properties `selection` names.
+    pub fn new(out: W, format: Format, selection: Selection, quiet: bool) -> Self {
+        OutputWriter {
+            out,
+            format,
+            selection,
+            quiet,
+            written: 0,
+            finished: false,
+            table_rows: Vec::new(),
+            csv_columns: Vec::new(),
+            csv_dropped: Vec::new(),
+        }
     }
 
+    /// Writes one output object.
     pub fn write(&mut self, object: PsObject) -> io::Result<()> {
         let object = PsObject { value: self.selection.apply(object.value), ..object };
         match self.format {
@@ -106,27 +132,35 @@ impl<W: Write> OutputWriter<W> {
         csv.flush()
     }
 
-    /// Closes the JSON array or prints the table.
+    /// Closes the JSON array or prints the table, and flushes; only the first call writes.
     pub fn finish(&mut self) -> io::Result<()> {
+        if std::mem::replace(&mut self.finished, true) {
+            return Ok(());
+        }
         match self.format {
-            Format::Json if self.written == 0 => writeln!(self.out, "[]"),
-            Format::Json => writeln!(self.out, "\n]"),
-            Format::Jsonl => Ok(()),
-            Format::Table => print_table(&mut self.out, &std::mem::take(&mut self.table_rows)),
+            Format::Json if self.written == 0 => writeln!(self.out, "[]")?,
+            Format::Json => writeln!(self.out, "\n]")?,
+            Format::Jsonl => {}
+            Format::Table => print_table(&mut self.out, &std::mem::take(&mut self.table_rows), self.quiet)?,
             Format::Csv => {
-                if !self.csv_dropped.is_empty() {
-                    eprintln!(
+                if !self.csv_dropped.is_empty() && !self.quiet {
+                    note(format_args!(
                         "(properties absent from the first object are not in the CSV: {}; use --select to choose the columns)",
                         self.csv_dropped.join(", ")
-                    );
+                    ));
                 }
-                Ok(())
             }
         }
+        self.out.flush()
     }
 }
 
-fn print_table(out: &mut impl Write, rows: &[Value]) -> io::Result<()> {
+/// A note of psbridge's own on stderr; a stderr that cannot be written is ignored.
+fn note(text: std::fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr(), "{text}");
+}
+
+fn print_table(out: &mut impl Write, rows: &[Value], quiet: bool) -> io::Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -146,12 +180,12 @@ fn print_table(out: &mut impl Write, rows: &[Value]) -> io::Result<()> {
         table.add_row(cells.collect::<Vec<_>>());
     }
     writeln!(out, "{table}")?;
-    if columns.len() > shown.len() {
-        eprintln!(
+    if columns.len() > shown.len() && !quiet {
+        note(format_args!(
             "({} more properties not shown: {}; use --format json to see them)",
             columns.len() - shown.len(),
             columns[shown.len()..].join(", ")
-        );
+        ));
     }
     Ok(())
 }
@@ -182,17 +216,21 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// An empty envelope keeping the output properties `selection` names.
     pub fn new(selection: Selection) -> Self {
         Envelope { result: psbridge::InvocationResult::default(), selection }
     }
 
+    /// Adds an item of any stream.
     pub fn push(&mut self, item: StreamItem) {
         self.result.push(item);
     }
 
-    pub fn print(&mut self, completion: Completion) -> io::Result<()> {
+    /// Prints the envelope as one JSON object. `None`: the command did not get to its end (interrupt,
+    /// timeout, dead worker): what it produced so far, with state `Stopped`.
+    pub fn print(&mut self, out: &mut impl Write, completion: Option<Completion>) -> io::Result<()> {
         let r = &mut self.result;
-        r.complete(completion);
+        r.complete(completion.unwrap_or(Completion { state: PipelineState::Stopped, ..Completion::default() }));
         let envelope = json!({
             "output": r.output.iter().map(|o| self.selection.apply(o.value.clone())).collect::<Vec<_>>(),
             "errors": r.errors,
@@ -202,52 +240,57 @@ impl Envelope {
             "information": r.information,
             "progress": r.progress,
             "had_errors": r.had_errors,
+            "exit_code": r.exit_code,
+            "native_exit_code": r.native_exit_code,
             "state": r.state,
             "duration_ms": r.duration.as_secs_f64() * 1000.0,
         });
-        let mut out = io::stdout().lock();
-        serde_json::to_writer_pretty(&mut out, &envelope).map_err(io::Error::other)?;
-        writeln!(out)
+        serde_json::to_writer_pretty(&mut *out, &envelope).map_err(io::Error::other)?;
+        writeln!(out)?;
+        out.flush()
     }
 }
 
-/// Prints a non-output stream item on stderr the way PowerShell's console shows it.
-pub fn print_stream_item(item: &StreamItem) {
-    match item {
-        StreamItem::Output(_) => {}
-        StreamItem::Error(record) => print_error_record(record),
-        StreamItem::Warning(text) => eprintln!("WARNING: {text}"),
-        StreamItem::Verbose(text) => eprintln!("VERBOSE: {text}"),
-        StreamItem::Debug(text) => eprintln!("DEBUG: {text}"),
-        StreamItem::Information(InformationRecord { message, .. }) => eprintln!("{}", message.as_deref().unwrap_or("")),
+/// Prints a non-output stream item on stderr the way PowerShell's console shows it. `quiet`: error
+/// records only. A stderr that cannot be written is ignored.
+pub fn print_stream_item(item: &StreamItem, quiet: bool) {
+    let mut err = io::stderr().lock();
+    let _ = match item {
+        StreamItem::Output(_) => Ok(()),
+        StreamItem::Error(record) => write_error_record(&mut err, record),
+        _ if quiet => Ok(()),
+        StreamItem::Warning(text) => writeln!(err, "WARNING: {text}"),
+        StreamItem::Verbose(text) => writeln!(err, "VERBOSE: {text}"),
+        StreamItem::Debug(text) => writeln!(err, "DEBUG: {text}"),
+        StreamItem::Information(InformationRecord { message, .. }) => writeln!(err, "{}", message.as_deref().unwrap_or("")),
         StreamItem::Progress(ProgressRecord { activity, status_description, percent_complete, .. }) => {
             let percent = if *percent_complete >= 0 { format!(" ({percent_complete}%)") } else { String::new() };
-            eprintln!(
-                "PROGRESS: {}: {}{percent}",
-                activity.as_deref().unwrap_or(""),
-                status_description.as_deref().unwrap_or("")
-            );
+            writeln!(err, "PROGRESS: {}: {}{percent}", activity.as_deref().unwrap_or(""), status_description.as_deref().unwrap_or(""))
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_property_selected_twice_is_one_column_with_its_value() {
+        let object = json!({"Alias": "a1", "Department": "Sales"});
+        for asked in [["Alias", "Alias"], ["Alias", "alias"]] {
+            let selection = Selection::new(&asked.map(String::from));
+            assert_eq!(selection.apply(object.clone()), json!({"Alias": "a1"}), "{asked:?}");
         }
     }
-}
 
-fn print_error_record(record: &ErrorRecord) {
-    match &record.command {
-        Some(command) => eprintln!("{command}: {}", record.message),
-        None => eprintln!("{}", record.message),
-    }
-    if let Some(info) = &record.category_info {
-        eprintln!("    CategoryInfo          : {info}");
-    }
-    if let Some(id) = &record.fully_qualified_error_id {
-        eprintln!("    FullyQualifiedErrorId : {id}");
-    }
-}
-
-/// Prints a bridge failure, with the error records when it carries some.
-pub fn print_bridge_error(error: &psbridge::Error) {
-    eprintln!("psbridge: {error}");
-    if let psbridge::Error::Connect { records, .. } | psbridge::Error::ModuleImport { records } = error {
-        records.iter().for_each(print_error_record);
+    #[test]
+    fn an_unfinished_json_array_is_closed_once() {
+        let mut out = Vec::new();
+        let mut writer = OutputWriter::new(&mut out, Format::Json, Selection::default(), true);
+        writer.write(PsObject { type_names: vec![], value: json!("start") }).unwrap();
+        writer.finish().unwrap();
+        writer.finish().unwrap();
+        drop(writer);
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), json!(["start"]));
     }
 }

@@ -22,7 +22,7 @@ pub enum ProfileError {
     Secret(#[from] SecretError),
     #[error("the simulated profile: {0:#}")]
     Simulated(anyhow::Error),
-    #[error("profile {profile}: {key} must be a positive number of seconds, not {value}")]
+    #[error("profile {profile}: {key} must be {}, not {value}", crate::SECONDS_RANGE)]
     BadSeconds { profile: String, key: &'static str, value: f64 },
 }
 
@@ -109,6 +109,11 @@ impl Profile {
         for (name, value) in &self.spec.env {
             builder = builder.env(name, value);
         }
+        // A secret read from the environment stays with psbridge: neither the worker nor anything it
+        // starts inherits the variable.
+        for variable in self.secret_variables() {
+            builder = builder.env_remove(variable);
+        }
         if let Some(seconds) = self.seconds("start_timeout_secs", self.spec.start_timeout_secs)? {
             builder = builder.start_timeout(seconds);
         }
@@ -132,7 +137,19 @@ impl Profile {
         if let Some(timeout) = self.command_timeout()? {
             builder = builder.command_timeout(timeout);
         }
+        if let Some(depth) = self.spec.depth {
+            builder = builder.depth(depth);
+        }
         Ok(builder)
+    }
+
+    /// The environment variables the profile's secrets are read from.
+    fn secret_variables(&self) -> impl Iterator<Item = &str> {
+        [&self.spec.connect, &self.spec.disconnect, &self.spec.check]
+            .into_iter()
+            .flatten()
+            .flat_map(|spec| spec.secrets.values())
+            .filter_map(|secret| secret.get_ref().env.as_deref())
     }
 
     /// The profile's per-command timeout.

@@ -144,7 +144,7 @@ struct Batch {
 
 impl Batch {
     fn prepare(args: &BatchArgs, globals: &Globals) -> Result<Batch, u8> {
-        let (_, profile) = globals.profile()?;
+        let (_, profile) = globals.profile().map_err(usage)?;
         let workers = args.workers.unwrap_or_else(|| profile.workers());
         if workers == 0 {
             return Err(usage("--workers must be at least 1"));
