@@ -253,7 +253,7 @@ mod tests {
 
     #[test]
     fn each_failure_has_its_own_status() {
-        let timeout = psbridge::Error::Timeout { command: "Get-Mailbox".into(), after: Duration::from_secs(2), worker_killed: false };
+        let timeout = psbridge::Error::Timeout { command: "Get-Mailbox".into(), after: Duration::from_secs(2), worker_killed: false, credentials_expired_at: None };
         let cases: Vec<(CliError, u8)> = vec![
             (CliError::usage("x"), 2),
             (CliError::Bridge(psbridge::Error::ModuleImport { records: vec![record(Some("Nope"))] }), 2),
