@@ -57,11 +57,11 @@ namespace PsBridge
 
         private static void ReadLoop(Stream stdin)
         {
-            var reader = new StreamReader(stdin, new UTF8Encoding(false), false, 64 * 1024);
+            var reader = new LineReader(stdin);
             while (true)
             {
-                string line;
-                try { line = reader.ReadLine(); }
+                byte[] line;
+                try { line = reader.Next(); }
                 catch (IOException) { line = null; }
                 if (line == null)
                 {
@@ -94,13 +94,70 @@ namespace PsBridge
             }
         }
 
-        private static Request Parse(string line)
+        private static Request Parse(byte[] line)
         {
+            // Parsed from the UTF-8 bytes as they came: a request holding a 50 MB parameter is not also
+            // decoded into a 100 MB UTF-16 line first. The document keeps using the array.
             var doc = JsonDocument.Parse(line, new JsonDocumentOptions { MaxDepth = Protocol.RequestDepth });
             var root = doc.RootElement;
             var request = new Request { Type = root.GetProperty("t").GetString(), Body = root };
             if (root.TryGetProperty("id", out var id) && id.ValueKind == JsonValueKind.Number) request.Id = id.GetInt64();
             return request;
+        }
+    }
+
+    /// <summary>Splits a stream into lines of UTF-8 bytes, each in an array of its own size.</summary>
+    /// <remarks>One buffer, grown for long lines and shrunk back after them; each byte is scanned for the
+    /// newline once however many reads a line takes.</remarks>
+    public sealed class LineReader
+    {
+        private const int Initial = 64 * 1024;
+        private readonly Stream stream;
+        private byte[] buffer = new byte[Initial];
+        private int start, end, scanned;
+
+        public LineReader(Stream stream) { this.stream = stream; }
+
+        /// <summary>The next line without its newline, or null at the end of the stream.</summary>
+        public byte[] Next()
+        {
+            while (true)
+            {
+                int newline = Array.IndexOf(buffer, (byte)'\n', scanned, end - scanned);
+                if (newline >= 0)
+                {
+                    var line = buffer.AsSpan(start, newline - start).ToArray();
+                    start = scanned = newline + 1;
+                    return line;
+                }
+                scanned = end;
+                Compact();
+                int read = stream.Read(buffer, end, buffer.Length - end);
+                if (read == 0)
+                {
+                    if (end == start) return null;
+                    var rest = buffer.AsSpan(start, end - start).ToArray();
+                    start = end = scanned = 0;
+                    return rest;
+                }
+                end += read;
+            }
+        }
+
+        /// <summary>Moves the unread part to the front, growing the buffer when it is full of one line, and
+        /// giving back a grown buffer once the long line is gone.</summary>
+        private void Compact()
+        {
+            int pending = end - start;
+            int size = buffer.Length;
+            if (pending == size) size *= 2;
+            else if (size > Initial && pending < Initial / 2) size = Initial;
+            var target = size == buffer.Length ? buffer : new byte[size];
+            Buffer.BlockCopy(buffer, start, target, 0, pending);
+            buffer = target;
+            scanned -= start;
+            end = pending;
+            start = 0;
         }
     }
 }
