@@ -457,6 +457,7 @@ impl Batch {
                         Some(done) if !(self.retry_failed && done.status != Status::Succeeded) => {
                             let mut record = done;
                             record.previous_run = true;
+                            record.line = line; // the line may have moved since (a fixed or changed input)
                             if record.status == Status::Succeeded { tally.skipped += 1 } else { tally.failed += 1 }
                             self.emit(&record, progress)?;
                             continue;
