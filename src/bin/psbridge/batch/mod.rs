@@ -396,10 +396,10 @@ impl Batch {
             }
         }
         // Whatever did not run is still accounted for, to the end of the input.
-        if !matches!(stop, Some(Stop::Output)) {
-            if let Err(error) = self.not_run(ready, &mut tally, &progress) {
-                stop = Some(error);
-            }
+        if !matches!(stop, Some(Stop::Output))
+            && let Err(error) = self.not_run(ready, &mut tally, &progress)
+        {
+            stop = Some(error);
         }
         progress.finish();
         if let Some(journal) = &self.journal
