@@ -74,7 +74,7 @@ fn two_thousand_items_with_crashes_and_throttling_each_get_exactly_one_result() 
     assert_eq!(failed.len(), 3, "only the crashing items fail: {failed:?}");
     for r in &failed {
         assert_eq!(r["command"], "Set-Mailbox");
-        assert!(r["error"].as_str().unwrap().contains("worker exited"), "{r}");
+        assert!(r["errors"][0]["message"].as_str().unwrap().contains("worker exited"), "{r}");
     }
     assert!(results.iter().any(|r| r["attempts"].as_u64().unwrap() > 1), "throttled items were retried");
     assert!(results.iter().all(|r| r.get("resumed_in_flight").is_none()));
@@ -149,10 +149,13 @@ fn malformed_lines_are_reported_by_number_and_the_rest_still_run() {
     let results = jsonl(&text(&run.stdout));
     let lines = by_line(&results);
     assert_eq!(lines.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4, 6, 7, 8]);
-    for (line, wanted) in [(2, "not valid JSON"), (3, "`command` is missing"), (4, "must be an object"), (6, "is not valid")] {
+    for (line, wanted) in [(2, "not valid JSON"), (3, "`command` is missing"), (4, "`parameters` as an object"), (6, "is not valid")] {
         let r = lines[&line];
         assert_eq!(r["status"], "invalid", "{r}");
-        let error = r["error"].as_str().unwrap();
+        for field in ["id", "key", "command", "input", "output", "errors", "warnings", "exit_code", "native_exit_code", "attempts", "duration_ms"] {
+            assert!(r.get(field).is_some(), "an invalid result has every field, {field} too: {r}");
+        }
+        let error = r["errors"][0]["message"].as_str().unwrap();
         assert!(error.starts_with(&format!("line {line}: ")) && error.contains(wanted), "{error}");
     }
     assert_eq!((lines[&1]["status"].as_str(), lines[&1]["id"].as_str()), (Some("succeeded"), Some("a")));
@@ -184,7 +187,7 @@ fn csv_rows_run_one_command_and_same_key_rows_keep_their_order() {
     let lines = by_line(&results);
     assert_eq!(lines.len(), 10);
     assert_eq!(lines[&11]["status"], "invalid");
-    assert!(lines[&11]["error"].as_str().unwrap().starts_with("line 11: 2 fields for 3 columns; missing Department"), "{}", lines[&11]);
+    assert!(lines[&11]["errors"][0]["message"].as_str().unwrap().starts_with("line 11: 2 fields for 3 columns; missing Department"), "{}", lines[&11]);
     assert!(lines.iter().filter(|(l, _)| **l != 11).all(|(_, r)| r["status"] == "succeeded" && r["key"].as_str().unwrap().starts_with("ContosoUser")));
     for user in 1..=3 {
         let mailbox = env.run(&["run", "Get-Mailbox", "--params", &format!(r#"{{"Identity": "ContosoUser{user}"}}"#), "--select", "Office,Department"]);

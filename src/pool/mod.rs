@@ -23,7 +23,7 @@ use crate::errors::{Error, Result};
 use crate::records::{Completion, InvocationResult, StreamItem};
 use crate::retry::{Classifier, Generic, RetryPolicy};
 use crate::runspace::{CancelHandle, Runspace, RunspaceBuilder};
-use queue::{Job, Queue, Reply, Streamed};
+use queue::{Job, OnStart, Queue, Reply, Streamed};
 pub use stats::{Counters, Percentiles, PoolStats, WorkerState, WorkerStats};
 use stats::Timings;
 
@@ -312,7 +312,7 @@ impl PoolShared {
         tokio::time::sleep_until(start).await;
     }
 
-    async fn submit(self: &Arc<Self>, command: Command, reply: Reply, wait: bool) -> Result<oneshot::Receiver<()>> {
+    async fn submit(self: &Arc<Self>, command: Command, reply: Reply, wait: bool, on_start: Option<OnStart>) -> Result<oneshot::Receiver<()>> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::PoolClosed);
         }
@@ -325,7 +325,7 @@ impl PoolShared {
             self.slots.clone().try_acquire_owned().map_err(|_| Error::QueueFull { capacity: self.config.queue_capacity })?
         };
         let (started, started_rx) = oneshot::channel();
-        let job = Job { command, reply, enqueued: Instant::now(), started: Some(started), slot: Some(slot) };
+        let job = Job { command, reply, enqueued: Instant::now(), started: Some(started), on_start, slot: Some(slot) };
         lock(&self.queue).push(job);
         self.work.notify_waiters();
         self.grow_if_needed();
@@ -432,13 +432,13 @@ impl RunspacePool {
     }
 
     async fn invoke_inner(&self, command: Command, wait: bool) -> Result<InvocationResult> {
-        self.enqueue(command, wait).await?.result().await
+        self.enqueue(command, wait, None).await?.result().await
     }
 
     /// Queues a command whose caller collects its result; waits for room unless `wait` is false.
-    async fn enqueue(&self, command: Command, wait: bool) -> Result<Pending> {
+    async fn enqueue(&self, command: Command, wait: bool, on_start: Option<OnStart>) -> Result<Pending> {
         let (tx, rx) = oneshot::channel();
-        let started = self.shared.submit(command, Reply::Collect(tx), wait).await?;
+        let started = self.shared.submit(command, Reply::Collect(tx), wait, on_start).await?;
         Ok(Pending { shared: self.shared.clone(), started, reply: rx })
     }
 
@@ -464,7 +464,21 @@ impl RunspacePool {
     /// Dropping this future before it completes submits nothing; dropping the [`Pending`] takes the
     /// command out of the queue, or stops it if it is running.
     pub async fn submit(&self, command: Command) -> Result<Pending> {
-        self.enqueue(command, true).await
+        self.enqueue(command, true, None).await
+    }
+
+    /// Like [`submit`](Self::submit), and calls `on_start` on the worker's task when a worker begins the
+    /// command, just before it is first sent to PowerShell (once: not again for retries). A command
+    /// withdrawn or failed before a worker began it never calls `on_start`.
+    ///
+    /// `on_start` delays the command until it returns, so keep it short (`psbridge batch` writes its
+    /// journal's start record there, so that the record is on disk before the command can run).
+    ///
+    /// # Cancel safety
+    /// As [`submit`](Self::submit): dropping this future before it completes submits nothing (and
+    /// `on_start` is never called).
+    pub async fn submit_with_start(&self, command: Command, on_start: impl FnOnce() + Send + 'static) -> Result<Pending> {
+        self.enqueue(command, true, Some(Box::new(on_start))).await
     }
 
     /// Runs a command on the next free worker and yields its items as they come.
@@ -473,7 +487,7 @@ impl RunspacePool {
     /// died before it produced anything and the command is idempotent.
     pub async fn invoke_stream(&self, command: Command) -> Result<PoolStream> {
         let (tx, rx) = mpsc::channel(self.shared.config.runspace.stream_buffer_len());
-        let started = self.shared.submit(command, Reply::Stream(tx), true).await?;
+        let started = self.shared.submit(command, Reply::Stream(tx), true, None).await?;
         self.shared.await_start(started).await?;
         Ok(PoolStream { items: rx, completion: None })
     }

@@ -54,9 +54,15 @@ pub(crate) struct Job {
     pub(crate) enqueued: Instant,
     /// Tells the caller a worker took the job (ends its wait timeout).
     pub(crate) started: Option<oneshot::Sender<()>>,
+    /// Runs on the worker just before the command is first sent to PowerShell
+    /// ([`RunspacePool::submit_with_start`](super::RunspacePool::submit_with_start)).
+    pub(crate) on_start: Option<OnStart>,
     /// A place in the bounded queue, given back when a worker takes the job.
     pub(crate) slot: Option<OwnedSemaphorePermit>,
 }
+
+/// A caller's hook run when a worker begins a job.
+pub(crate) type OnStart = Box<dyn FnOnce() + Send>;
 
 /// Waiting jobs and the keys of running ones.
 #[derive(Default)]
@@ -118,7 +124,7 @@ mod tests {
         if let Some(key) = key {
             command = command.key(key);
         }
-        (Job { command, reply: Reply::Collect(tx), enqueued: Instant::now(), started: None, slot: None }, rx)
+        (Job { command, reply: Reply::Collect(tx), enqueued: Instant::now(), started: None, on_start: None, slot: None }, rx)
     }
 
     fn names(queue: &mut Queue) -> Vec<String> {

@@ -114,6 +114,9 @@ pub(crate) async fn run(shared: Arc<PoolShared>, slot: Arc<Slot>, initial: Optio
             let key = job.command.key_str().map(str::to_owned);
             let enqueued = job.enqueued;
             let queue_wait = enqueued.elapsed();
+            if let Some(on_start) = job.on_start.take() {
+                on_start();
+            }
             let failed = execute(&shared, &slot, &mut runspace, job).await;
             shared.timings.record(queue_wait, enqueued.elapsed());
             lock(&shared.queue).release(key.as_deref());

@@ -1,27 +1,38 @@
-//! Batch input: JSONL (one `{"command", "parameters", "key"?, "id"?}` per line) or CSV (one row per item,
-//! the columns as parameters of one `--command`). A bad line becomes an [`Invalid`] entry with its line
-//! number; it never stops the other items.
+//! Batch input: entries read one at a time from JSONL ([`super::jsonl`]) or CSV ([`super::table`]). A bad
+//! line becomes an [`Invalid`] entry with its line number; it never stops the other items.
+//!
+//! Secrets (`{"$psbridge": "securestring" | "secret", "value": ...}` values, CSV columns typed
+//! `securestring`) reach the command as secrets (masked by the library in its error records) and are
+//! replaced by [`REDACTED`] in what results, journals and messages show.
 
 use std::collections::HashMap;
 
-use serde_json::{Map, Value, json};
+use psbridge::{Command, ParamValue, SecretString};
+use serde::Serialize;
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::source::{Line, Lines, SourceError};
+
+/// What stands for a secret value in results and the journal.
+pub const REDACTED: &str = "********";
+
 /// One item to run.
-#[derive(Debug, Clone)]
 pub struct Item {
     /// Line of the input where it starts (1-based).
     pub line: usize,
-    /// The text of that line (for CSV, the row as written).
-    pub raw: String,
-    pub command: String,
-    pub parameters: Map<String, Value>,
+    /// The line as written (for CSV, the row), secrets replaced by [`REDACTED`].
+    pub input: String,
+    /// The command's name, for the result.
+    pub name: String,
+    /// What runs: the command with its parameters (and key), already [validated](Command::validate).
+    pub command: Command,
     /// Items with the same key never run at once and keep their input order.
     pub key: Option<String>,
     /// The caller's name for the item, copied into its result.
     pub id: Option<Value>,
-    /// What the journal knows the item by: a hash of what it runs, and which occurrence of it this is, so
-    /// that lines may move or be fixed between runs without a finished item running again.
+    /// What the journal knows the item by (see [`Identities`]).
     pub identity: String,
 }
 
@@ -29,208 +40,157 @@ pub struct Item {
 #[derive(Debug, Clone)]
 pub struct Invalid {
     pub line: usize,
-    pub raw: String,
+    /// The line as written, secrets replaced by [`REDACTED`].
+    pub input: String,
+    /// The command it names, when it got that far.
+    pub command: Option<String>,
+    /// `line N: what is wrong`.
     pub message: String,
 }
 
 /// One entry of the input, in input order.
-#[derive(Debug, Clone)]
 pub enum Entry {
-    Item(Item),
+    Item(Box<Item>),
     Invalid(Invalid),
 }
 
-/// An input that cannot be read at all (as opposed to one bad line).
-#[derive(Debug, thiserror::Error)]
-pub enum InputError {
-    #[error("the CSV input has no header row; its first row must name the parameters, such as Identity,Department")]
-    NoHeader,
-    #[error("CSV column {column} has no name; every column of the header row must name a parameter")]
-    UnnamedColumn { column: usize },
-    #[error("CSV column `{name}` appears twice in the header row")]
-    DuplicateColumn { name: String },
-    #[error("CSV column `{name}` is not a valid parameter name (letters, digits and _ only)")]
-    BadColumn { name: String },
-    #[error("--key-column {name}: no such column; columns: {columns}")]
-    UnknownKeyColumn { name: String, columns: String },
-    #[error("cannot read the CSV header: {0}")]
-    Header(#[source] csv::Error),
+impl Entry {
+    pub fn invalid(line: usize, input: String, command: Option<String>, message: impl std::fmt::Display) -> Entry {
+        Entry::Invalid(Invalid { line, input, command, message: format!("line {line}: {message}") })
+    }
 }
 
-const FIELDS: &str = "command, parameters, key, id";
-
-/// Reads JSONL input. Blank lines are skipped.
-pub fn read_jsonl(text: &str) -> Vec<Entry> {
-    let mut identities = Identities::default();
-    let mut entries = Vec::new();
-    for (index, raw) in text.lines().enumerate() {
-        let line = index + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let entry = match jsonl_item(raw) {
-            Ok((command, parameters, key, id)) => {
-                let identity = identities.next(&command, &parameters, key.as_deref(), id.as_ref());
-                Entry::Item(Item { line, raw: raw.to_owned(), command, parameters, key, id, identity })
-            }
-            Err(message) => Entry::Invalid(Invalid { line, raw: raw.to_owned(), message: format!("line {line}: {message}") }),
-        };
-        entries.push(entry);
-    }
-    entries
+/// Reads the next entry of a format; `None` at the end.
+pub trait Format {
+    fn next_entry(&mut self, lines: &mut Lines) -> Result<Option<Entry>, SourceError>;
 }
 
-type Parts = (String, Map<String, Value>, Option<String>, Option<Value>);
-
-fn jsonl_item(raw: &str) -> Result<Parts, String> {
-    let value: Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON ({e})"))?;
-    let Value::Object(mut object) = value else {
-        return Err(format!("expected a JSON object with {FIELDS}, found {}", kind(&value)));
-    };
-    if let Some(unknown) = object.keys().find(|k| !["command", "parameters", "key", "id"].contains(&k.as_str())) {
-        return Err(format!("unknown field `{unknown}`; an item has {FIELDS}"));
-    }
-    let command = match object.remove("command") {
-        Some(Value::String(c)) => valid_command(c)?,
-        Some(other) => return Err(format!("`command` must be a string such as \"Set-Mailbox\", not {}", kind(&other))),
-        None => return Err("`command` is missing".to_owned()),
-    };
-    let parameters = match object.remove("parameters") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(p)) => p,
-        Some(other) => {
-            return Err(format!("`parameters` must be an object of name → value such as {{\"Identity\": \"x\"}}, not {}", kind(&other)));
-        }
-    };
-    if let Some(name) = parameters.keys().find(|n| !valid_name(n)) {
-        return Err(format!("parameter name `{name}` is not valid (letters, digits and _ only)"));
-    }
-    let key = match object.remove("key") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(k)) => Some(k),
-        Some(Value::Number(n)) => Some(n.to_string()),
-        Some(other) => return Err(format!("`key` must be a string or a number, not {}", kind(&other))),
-    };
-    let id = match object.remove("id") {
-        None | Some(Value::Null) => None,
-        Some(id @ (Value::String(_) | Value::Number(_))) => Some(id),
-        Some(other) => return Err(format!("`id` must be a string or a number, not {}", kind(&other))),
-    };
-    Ok((command, parameters, key, id))
+/// The entries of an input, one at a time.
+pub struct Entries {
+    lines: Lines,
+    format: Box<dyn Format>,
 }
 
-/// Reads CSV input: the header row names the parameters; each row runs `command` once. Empty cells are
-/// left out (the parameter is not passed); values are strings, which PowerShell converts to the
-/// parameter's type.
-pub fn read_csv(text: &str, command: &str, key_column: Option<&str>) -> Result<Vec<Entry>, InputError> {
-    let mut reader = csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(text.as_bytes());
-    let header: Vec<String> = reader.headers().map_err(InputError::Header)?.iter().map(|h| h.trim().to_owned()).collect();
-    if header.is_empty() || header.iter().all(String::is_empty) {
-        return Err(InputError::NoHeader);
+impl Entries {
+    pub fn new(lines: Lines, format: Box<dyn Format>) -> Entries {
+        Entries { lines, format }
     }
-    for (i, name) in header.iter().enumerate() {
-        if name.is_empty() {
-            return Err(InputError::UnnamedColumn { column: i + 1 });
-        }
-        if !valid_name(name) {
-            return Err(InputError::BadColumn { name: name.clone() });
-        }
-        if header[..i].iter().any(|n| n.eq_ignore_ascii_case(name)) {
-            return Err(InputError::DuplicateColumn { name: name.clone() });
-        }
+
+    pub fn next_entry(&mut self) -> Result<Option<Entry>, SourceError> {
+        self.format.next_entry(&mut self.lines)
     }
-    let key_index = match key_column {
-        None => None,
-        Some(name) => Some(
-            header
-                .iter()
-                .position(|h| h.eq_ignore_ascii_case(name))
-                .ok_or_else(|| InputError::UnknownKeyColumn { name: name.to_owned(), columns: header.join(", ") })?,
-        ),
+}
+
+/// The text of a line, or the invalid entry it is.
+pub fn line_text(line: Line) -> Result<(usize, String), Entry> {
+    match line.text {
+        Ok(text) => Ok((line.number, text)),
+        Err(error) => Err(Entry::invalid(line.number, String::new(), None, error)),
+    }
+}
+
+/// A checked command as an item, or the invalid entry it is.
+pub fn checked(item: Item) -> Entry {
+    match item.command.validate() {
+        Ok(()) => Entry::Item(Box::new(item)),
+        Err(psbridge::Error::InvalidCommand { reason }) => Entry::invalid(item.line, item.input, Some(item.name), reason),
+        Err(other) => Entry::invalid(item.line, item.input, Some(item.name), other),
+    }
+}
+
+/// A parameter value as the command receives it: a tagged secret becomes a secret parameter.
+pub fn bind(command: Command, name: String, value: Value) -> Command {
+    let secure = match secret_kind(&value) {
+        None => return command.param(name, ParamValue::Json(value)),
+        Some(kind) => kind == "securestring",
     };
-    let mut identities = Identities::default();
-    let mut entries = Vec::new();
-    let mut record = csv::StringRecord::new();
-    loop {
-        let start = reader.position().clone();
-        let read = reader.read_record(&mut record);
-        let end = reader.position().byte() as usize;
-        let line = start.line() as usize;
-        let raw = text.get(start.byte() as usize..end).unwrap_or_default().trim_end_matches(['\r', '\n']).to_owned();
-        match read {
-            Ok(false) => break,
-            Err(error) => {
-                let line = error.position().map_or(line, |p| p.line() as usize);
-                entries.push(Entry::Invalid(Invalid { line, raw, message: format!("line {line}: not valid CSV ({error})") }));
+    let Value::Object(mut tagged) = value else { unreachable!("secret_kind only matches objects") };
+    let Some(Value::String(secret)) = tagged.remove("value") else { unreachable!("secret_kind checks the value") };
+    let secret = SecretString::from(secret);
+    if secure { command.secure_param(name, secret) } else { command.secret_param(name, secret) }
+}
+
+/// `securestring` or `secret` for a tagged secret value.
+fn secret_kind(value: &Value) -> Option<&str> {
+    let Value::Object(map) = value else { return None };
+    match (map.get("$psbridge"), map.get("value")) {
+        (Some(Value::String(kind)), Some(Value::String(_))) if map.len() == 2 && (kind == "securestring" || kind == "secret") => Some(kind),
+        _ => None,
+    }
+}
+
+/// Whether a value holds a tagged secret anywhere.
+pub fn holds_secret(value: &Value) -> bool {
+    secret_kind(value).is_some()
+        || match value {
+            Value::Array(items) => items.iter().any(holds_secret),
+            Value::Object(map) => map.values().any(holds_secret),
+            _ => false,
+        }
+}
+
+/// Serializes a value with every tagged secret's value replaced by [`REDACTED`].
+pub struct Redacted<'a>(pub &'a Value);
+
+impl Serialize for Redacted<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            value if secret_kind(value).is_some() => {
+                let mut map = s.serialize_map(Some(2))?;
+                map.serialize_entry("$psbridge", &value["$psbridge"])?;
+                map.serialize_entry("value", REDACTED)?;
+                map.end()
             }
-            Ok(true) if record.iter().all(|cell| cell.trim().is_empty()) => {}
-            Ok(true) if record.len() != header.len() => {
-                let missing = header.get(record.len()..).map(|m| m.join(", ")).filter(|m| !m.is_empty());
-                let message = match missing {
-                    Some(missing) => format!("line {line}: {} fields for {} columns; missing {missing}", record.len(), header.len()),
-                    None => format!("line {line}: {} fields for {} columns; check for an unquoted comma", record.len(), header.len()),
-                };
-                entries.push(Entry::Invalid(Invalid { line, raw, message }));
-            }
-            Ok(true) => {
-                let key = key_index.map(|i| record[i].trim().to_owned());
-                if key.as_deref() == Some("") {
-                    let message = format!("line {line}: the key column {} is empty", header[key_index.unwrap_or_default()]);
-                    entries.push(Entry::Invalid(Invalid { line, raw, message }));
-                    continue;
+            Value::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(&Redacted(item))?;
                 }
-                let parameters: Map<String, Value> = header
-                    .iter()
-                    .zip(record.iter())
-                    .filter(|(_, cell)| !cell.is_empty())
-                    .map(|(name, cell)| (name.clone(), Value::String(cell.to_owned())))
-                    .collect();
-                let identity = identities.next(command, &parameters, key.as_deref(), None);
-                entries.push(Entry::Item(Item { line, raw, command: command.to_owned(), parameters, key, id: None, identity }));
+                seq.end()
             }
+            Value::Object(map) => {
+                let mut out = s.serialize_map(Some(map.len()))?;
+                for (k, v) in map {
+                    out.serialize_entry(k, &Redacted(v))?;
+                }
+                out.end()
+            }
+            other => other.serialize(s),
         }
     }
-    Ok(entries)
 }
 
-fn valid_command(command: String) -> Result<String, String> {
-    let trimmed = command.trim();
-    if trimmed.is_empty() {
-        return Err("`command` is empty".to_owned());
-    }
-    if trimmed.chars().any(char::is_control) {
-        return Err("`command` holds a control character; give one command name".to_owned());
-    }
-    Ok(trimmed.to_owned())
-}
+/// Parameters in input order, duplicates kept, serialized as one object with secrets redacted.
+pub struct RedactedParams<'a>(pub &'a [(String, Value)]);
 
-/// A PowerShell parameter name: letters, digits and `_`, not starting with a digit.
-fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_alphabetic() || c == '_') && chars.all(|c| c.is_alphanumeric() || c == '_')
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+impl Serialize for RedactedParams<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            map.serialize_entry(name, &Redacted(value))?;
+        }
+        map.end()
     }
 }
 
-/// Hands out identities: the same content seen again is the next occurrence of it.
+/// Hands out identities: a hash of what an item runs, and which occurrence of that content this is, so
+/// that lines may move or be fixed between runs without a finished item running again.
+///
+/// The hash is taken over the item with its secrets already [redacted](REDACTED), never over a secret:
+/// a journal holding the SHA-256 of a (often short, guessable) password would let anyone who can read
+/// the journal test guesses offline. Two items that differ only in a secret therefore hash alike; the
+/// occurrence number still tells them apart, so each runs once. (Changing only a secret between runs
+/// does not make a finished item run again: give --restart for that.)
 #[derive(Default)]
-struct Identities {
+pub struct Identities {
     seen: HashMap<String, usize>,
 }
 
 impl Identities {
-    fn next(&mut self, command: &str, parameters: &Map<String, Value>, key: Option<&str>, id: Option<&Value>) -> String {
-        let content = json!({ "command": command, "parameters": parameters, "key": key, "id": id }).to_string();
-        let digest = Sha256::digest(content.as_bytes());
+    /// The identity of an item whose redacted content serializes as `content`.
+    pub fn next(&mut self, content: &impl Serialize) -> String {
+        let text = serde_json::to_vec(content).unwrap_or_default();
+        let digest = Sha256::digest(&text);
         let hash: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         let occurrence = self.seen.entry(hash.clone()).or_default();
         *occurrence += 1;
@@ -238,61 +198,14 @@ impl Identities {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn invalid(entries: &[Entry]) -> Vec<(usize, &str)> {
-        entries
-            .iter()
-            .filter_map(|e| match e {
-                Entry::Invalid(i) => Some((i.line, i.message.as_str())),
-                Entry::Item(_) => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn jsonl_items_and_bad_lines_keep_their_line_numbers() {
-        let text = concat!(
-            "{\"command\": \"Get-Mailbox\", \"parameters\": {\"Identity\": \"a\"}, \"key\": \"a\", \"id\": 7}\n",
-            "\n",
-            "{not json\n",
-            "{\"parameters\": {}}\n",
-            "{\"command\": \"Set-Mailbox\", \"parameters\": [1]}\n",
-            "{\"command\": \"Set-Mailbox\", \"parameter\": {}}\n",
-            "[1, 2]\n",
-            "{\"command\": \"Get-Mailbox\", \"parameters\": {\"Identity\": \"a\"}, \"key\": \"a\", \"id\": 7}\n",
-        );
-        let entries = read_jsonl(text);
-        assert_eq!(entries.len(), 7);
-        let bad = invalid(&entries);
-        assert_eq!(bad.iter().map(|b| b.0).collect::<Vec<_>>(), [3, 4, 5, 6, 7]);
-        assert!(bad[0].1.starts_with("line 3: not valid JSON"), "{}", bad[0].1);
-        assert!(bad[1].1.contains("`command` is missing"));
-        assert!(bad[2].1.contains("`parameters` must be an object") && bad[2].1.contains("an array"));
-        assert!(bad[3].1.contains("unknown field `parameter`"));
-        let (Entry::Item(first), Entry::Item(again)) = (&entries[0], &entries[6]) else { panic!("items") };
-        assert_eq!((first.line, first.key.as_deref()), (1, Some("a")));
-        assert_ne!(first.identity, again.identity, "the same line twice is two items");
-        assert_eq!(first.identity.split('#').next(), again.identity.split('#').next());
-    }
-
-    #[test]
-    fn csv_rows_become_items_and_short_rows_are_reported() {
-        let text = "Identity,Department\nu1,Sales\nu2\n\"u3\",\"R&D, Labs\"\nu4,\n";
-        let entries = read_csv(text, "Set-Mailbox", Some("identity")).unwrap();
-        let bad = invalid(&entries);
-        assert_eq!(bad.len(), 1);
-        assert!(bad[0].0 == 3 && bad[0].1.contains("missing Department"), "{bad:?}");
-        let items: Vec<&Item> = entries.iter().filter_map(|e| if let Entry::Item(i) = e { Some(i) } else { None }).collect();
-        assert_eq!(items.len(), 3);
-        assert_eq!(items[1].parameters["Department"], "R&D, Labs");
-        assert_eq!(items[1].raw, "\"u3\",\"R&D, Labs\"");
-        assert_eq!(items[1].line, 4);
-        assert_eq!(items[2].key.as_deref(), Some("u4"));
-        assert!(!items[2].parameters.contains_key("Department"), "an empty cell passes nothing");
-        assert!(matches!(read_csv(text, "Set-Mailbox", Some("Office")), Err(InputError::UnknownKeyColumn { .. })));
-        assert!(matches!(read_csv("Identity,,X\n", "Set-Mailbox", None), Err(InputError::UnnamedColumn { column: 2 })));
+/// What a value is, for messages.
+pub fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }

@@ -3,53 +3,78 @@
 
 mod input;
 mod journal;
+mod jsonl;
 mod progress;
+mod record;
 mod sink;
+mod source;
+mod table;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use psbridge::{Command, InvocationResult, RetryPolicy, RunspaceBuilder, RunspacePool};
-use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::secret::SecretReader;
 use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Globals};
-use input::{Entry, Item};
-use journal::{Journal, Previous};
-use sink::ResultSink;
+use input::{Entries, Entry, Format, Item};
+use journal::{Journal, Previous, SharedJournal};
 use progress::{Progress, Tally};
+use record::{ResultRecord, Status, bridge_error};
+use sink::ResultSink;
+use source::{Source, SourceError};
+
+/// The default of --max-line-bytes.
+const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Run many commands from a JSONL or CSV file through a pool of workers, with one result per item.
 ///
 /// JSONL input has one item per line: {"command": "Set-Mailbox", "parameters": {...}, "key": "...",
-/// "id": ...} (key and id optional). CSV input runs one --command per row, the header naming the
-/// parameters; empty cells pass nothing. Items with the same key (--key-column for CSV) never run at
-/// once and keep their input order; the others run in parallel on --workers workers, with throttled
-/// commands retried as the profile's retry policy says.
+/// "id": ...} (key and id optional). A secret parameter is written {"$psbridge": "securestring", "value":
+/// "..."} (or "secret" for a plain-string secret); results and the journal show it as "********". A
+/// parameter given twice (also as Identity and identity) makes the line invalid.
 ///
-/// Each result is one JSON line: line, id, key, command, input, status (succeeded, failed, invalid,
-/// cancelled, not_run), output, errors, warnings, attempts, duration_ms, and resumed_in_flight or
-/// previous_run when they apply. Results come in the order items finish; --output is written whole
-/// at the end (FILE.partial until then).
+/// CSV input runs one --command per row, the header naming the parameters; empty cells pass nothing.
+/// A header cell Name:type types its column: string (default), int, bool (true/false, yes/no, 1/0),
+/// switch (true passes -Name, false -Name:$false), array (split on ;), securestring (a secret, shown as
+/// ********). CRLF or LF line endings, UTF-8 (with or without a BOM) or UTF-16 with a BOM; --delimiter
+/// for ; or tab files.
 ///
-/// A journal (FILE.journal beside --output, or --journal) records each item when it starts and when it
-/// finishes. Running the same batch again with the same journal skips finished items (their results
-/// are copied into the new output, previous_run: true) and runs the rest; an item that was running
-/// when psbridge died runs again with resumed_in_flight: true, as it may already have been applied.
-/// Ctrl-C (or SIGTERM) stops taking new items and lets running ones finish; a second one cancels
-/// them. Either way the journal is kept, the workers are disconnected and the exit status is 130.
+/// Items with the same key (--key-column for CSV) never run at once and keep their input order; the
+/// others run in parallel on --workers workers (never more workers than items to run), with throttled
+/// commands retried as the profile's retry policy says. A line that cannot run (bad JSON or CSV, a bad
+/// value, a line over --max-line-bytes) is an invalid result naming its line; the others still run.
+///
+/// Each result is one JSON line with every field: line, id, key, command, input, status (succeeded,
+/// failed, invalid, cancelled, not_run), output, errors, warnings, exit_code, native_exit_code,
+/// attempts, duration_ms, and resumed_in_flight or previous_run when they apply. Results come in the
+/// order items finish; --output is written whole at the end (FILE.partial until then), readable by its
+/// owner only.
+///
+/// A journal (FILE.journal beside --output, or --journal) records which input it belongs to, each item
+/// when a worker begins it and when it finishes. Running the same batch again with the same journal
+/// skips finished items (their results are copied into the new output, previous_run: true) and runs the
+/// rest; an item that was running when psbridge died runs again with resumed_in_flight: true, as it may
+/// already have been applied. A journal written for another input (or the same file, changed) is
+/// refused: give --restart to start over, or --resume to go on anyway (items are matched by their
+/// content, so finished ones are still skipped). Ctrl-C (or SIGTERM) stops taking new items and lets
+/// running ones finish; a second one cancels them. Either way the journal is kept, the workers are
+/// disconnected and the exit status is 130.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     psbridge batch --profile contoso --command Set-Mailbox --key-column Identity departments.csv --output results.jsonl\n  \
     psbridge batch --profile contoso --workers 8 new-mailboxes.jsonl --output created.jsonl\n  \
     psbridge batch --profile contoso new-mailboxes.jsonl --output created.jsonl      # again: resumes\n  \
     psbridge batch --simulated --command Get-Mailbox ids.csv --quiet | jq -c 'select(.status != \"succeeded\")'\n\n\
-    JSONL item:  {\"command\": \"New-Mailbox\", \"parameters\": {\"Name\": \"Ann\", \"Shared\": true}, \"key\": \"Ann\", \"id\": 17}\n\n\
-    Exit status: 0 every item succeeded, 1 some item failed or was invalid, 2 bad usage, input or journal, \
-    3 the workers could not start, 130 interrupted (resume by running the same command again).")]
+    JSONL item:  {\"command\": \"New-Mailbox\", \"parameters\": {\"Name\": \"Ann\", \"Shared\": true}, \"key\": \"Ann\", \"id\": 17}\n\
+    CSV header:  Identity,HiddenFromAddressListsEnabled:bool,ResultSize:int,Force:switch,EmailAddresses:array,Password:securestring\n\n\
+    Exit status: 0 every item succeeded, 1 some item failed or was invalid, 2 bad usage, input or journal \
+    (a journal of another input included), 3 the workers could not start, 130 interrupted (resume by running \
+    the same command again).")]
 pub struct BatchArgs {
     /// The input file (`-` for standard input).
     #[arg(value_name = "INPUT")]
@@ -71,9 +96,22 @@ pub struct BatchArgs {
     #[arg(long, value_name = "COLUMN")]
     key_column: Option<String>,
 
-    /// Workers in the pool [default: the profile's workers, else 3].
+    /// CSV input: the cell separator, one character (`;`, `|`, or `tab`) [default: ,].
+    #[arg(long, value_name = "CHAR", value_parser = parse_delimiter)]
+    delimiter: Option<char>,
+
+    /// The longest input line (for CSV, row) read, in bytes (suffix K, M or G for KiB, MiB, GiB);
+    /// longer ones are invalid results [default: 64M].
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    max_line_bytes: Option<usize>,
+
+    /// Workers in the pool [default: the profile's workers, else 3; never more than items to run].
     #[arg(long, short, value_name = "N")]
     workers: Option<usize>,
+
+    /// How deep output objects are serialized; deeper properties arrive as their ToString() [default: 4].
+    #[arg(long, value_name = "N")]
+    depth: Option<u32>,
 
     /// Write the results to this file (JSONL) instead of standard output.
     #[arg(long, short, value_name = "FILE")]
@@ -88,8 +126,13 @@ pub struct BatchArgs {
     no_journal: bool,
 
     /// Forget what the journal holds and run every item again.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     restart: bool,
+
+    /// Resume even though the journal was written for another input (or the input changed): items are
+    /// matched by their content, so those that finished are still skipped.
+    #[arg(long)]
+    resume: bool,
 
     /// Run again the items the journal holds as failed (succeeded ones are still skipped).
     #[arg(long)]
@@ -99,13 +142,50 @@ pub struct BatchArgs {
     #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
     timeout: Option<Duration>,
 
-    /// No progress and no summary on stderr.
+    /// No progress, no notes or warnings, and no summary on stderr (errors are still printed).
     #[arg(long, short)]
     quiet: bool,
 
     /// Seconds between progress lines when stderr is not a terminal.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::parse_seconds)]
     progress_interval: Duration,
+}
+
+/// `--delimiter`: one character, or `tab`.
+fn parse_delimiter(text: &str) -> Result<char, String> {
+    let mut chars = text.chars();
+    let delimiter = match (chars.next(), chars.next()) {
+        _ if text.eq_ignore_ascii_case("tab") || text == "\\t" => '\t',
+        (Some(c), None) => c,
+        _ => return Err(format!("must be one character (such as ; or |) or tab, not {text:?}")),
+    };
+    if matches!(delimiter, '"' | '\n' | '\r') {
+        return Err("cannot be a quote or a line break".to_owned());
+    }
+    Ok(delimiter)
+}
+
+/// `--max-line-bytes`: a number of bytes, with an optional K, M or G (KiB, MiB, GiB).
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let trimmed = text.trim();
+    let (digits, unit) = match trimmed.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&trimmed[..i], c.to_ascii_uppercase()),
+        _ => (trimmed, 'B'),
+    };
+    let scale: usize = match unit {
+        'B' => 1,
+        'K' => 1 << 10,
+        'M' => 1 << 20,
+        'G' => 1 << 30,
+        _ => return Err(format!("must be a number of bytes such as 200M, not {text}")),
+    };
+    digits
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("must be a positive number of bytes such as 200M, not {text}"))
 }
 
 /// Input formats of `batch`.
@@ -129,15 +209,40 @@ pub async fn run(args: BatchArgs, globals: Globals) -> u8 {
     }
 }
 
-/// A batch ready to run: items, journal, output and pool settings.
+/// Why a batch stopped early, besides an interrupt.
+enum Stop {
+    /// The results could not be written (already reported).
+    Output,
+    /// The input could not be read any further.
+    Input(SourceError),
+    /// A start record could not be journalled (already reported).
+    Journal,
+}
+
+/// An item handed to the pool: its result so far, and what the journal needs.
+struct Ticket {
+    record: ResultRecord,
+    identity: String,
+    line: usize,
+    /// Starts journalled by earlier runs.
+    earlier: u32,
+    /// When a worker began it (set by the pool's start hook).
+    began: Arc<OnceLock<Instant>>,
+}
+
+/// A batch ready to run: input, journal, output and pool settings.
 struct Batch {
-    entries: Vec<Entry>,
+    entries: Entries,
+    /// Input entries, estimated, for the progress display.
+    total: usize,
     /// The profile's workers, secrets already read (a missing secret stops the batch before it starts).
     workers_builder: RunspaceBuilder,
     retry: RetryPolicy,
     workers: usize,
     timeout: Option<Duration>,
-    journal: Option<Journal>,
+    depth: Option<u32>,
+    retry_failed: bool,
+    journal: Option<SharedJournal>,
     previous: Previous,
     sink: ResultSink,
 }
@@ -150,25 +255,19 @@ impl Batch {
             return Err(usage("--workers must be at least 1"));
         }
         let stdin_taken = args.input == Path::new("-");
-        let text = read_input(&args.input).map_err(usage)?;
         let csv = match args.input_format {
             Some(format) => format == InputFormat::Csv,
             None => args.input.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")),
         };
-        let entries = if csv {
-            let Some(command) = args.command.as_deref() else {
-                return Err(usage("CSV input needs --command, the command each row runs (for example --command Set-Mailbox)"));
-            };
-            input::read_csv(&text, command, args.key_column.as_deref()).map_err(usage)?
-        } else {
-            if args.command.is_some() || args.key_column.is_some() {
-                return Err(usage(
-                    "--command and --key-column are for CSV input; JSONL items carry their own command and key \
-                     (use --input-format csv if the file is CSV)",
-                ));
-            }
-            input::read_jsonl(&text)
-        };
+        if csv && args.command.is_none() {
+            return Err(usage("CSV input needs --command, the command each row runs (for example --command Set-Mailbox)"));
+        }
+        if !csv && (args.command.is_some() || args.key_column.is_some() || args.delimiter.is_some()) {
+            return Err(usage(
+                "--command, --key-column and --delimiter are for CSV input; JSONL items carry their own command and key \
+                 (use --input-format csv if the file is CSV)",
+            ));
+        }
         let journal_path = match (&args.journal, &args.output) {
             _ if args.no_journal => None,
             (Some(path), _) => Some(path.clone()),
@@ -188,78 +287,106 @@ impl Batch {
         {
             return Err(usage("the journal and --output must be different files"));
         }
+        let max_line_bytes = args.max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES);
+        let mut source = Source::open(&args.input).map_err(usage)?;
+        let sha256 = source.sha256().map_err(usage)?;
+        let lines_total = source.count_lines(max_line_bytes).map_err(usage)?;
+        let mut lines = source.lines(max_line_bytes).map_err(usage)?;
+        let (format, total): (Box<dyn Format>, usize) = if let Some(command) = &args.command {
+            let options = table::TableOptions {
+                command: command.clone(),
+                key_column: args.key_column.clone(),
+                delimiter: args.delimiter.unwrap_or(','),
+                max_bytes: max_line_bytes,
+            };
+            (Box::new(table::Table::new(&mut lines, options).map_err(usage)?), lines_total.saturating_sub(1))
+        } else {
+            (Box::<jsonl::Jsonl>::default(), lines_total)
+        };
         let mut secrets = SecretReader::with_stdin_taken(stdin_taken.then(|| "the batch input".to_owned()));
         let workers_builder = profile.builder(&mut secrets).map_err(usage)?;
         let input_name = args.input.display().to_string();
         let (journal, previous) = match &journal_path {
             Some(path) => {
-                let (journal, previous) = Journal::open(path, &input_name, args.restart).map_err(usage)?;
-                (Some(journal), previous)
+                let (mut journal, previous) = Journal::open(path, &input_name, &sha256, args.restart).map_err(usage)?;
+                if let Some(earlier) = &previous.input_sha256
+                    && *earlier != sha256
+                {
+                    let earlier_input = previous.input.as_deref().unwrap_or("another input");
+                    if !args.resume {
+                        return Err(usage(format_args!(
+                            "the journal {} belongs to another input: it was written for {earlier_input}, and {input_name} {}. \
+                             Give --restart to forget the journal and run every item, or --resume to go on with this input \
+                             (items are matched by their content; those that finished are skipped)",
+                            path.display(),
+                            if earlier_input == input_name { "has changed since" } else { "is not that file, or has other content" },
+                        )));
+                    }
+                    journal.belongs_to(&input_name, &sha256).map_err(usage)?;
+                    if !args.quiet {
+                        eprintln!(
+                            "psbridge: note: resuming with a changed input (the journal was written for {earlier_input}); \
+                             items that finished there are skipped here too"
+                        );
+                    }
+                }
+                (Some(SharedJournal::new(journal)), previous)
             }
             None => (None, Previous::default()),
         };
-        if let Some(earlier) = &previous.input
-            && *earlier != input_name
-            && !args.quiet
-        {
-            eprintln!("psbridge: note: the journal was written for input {earlier}; items already finished there are skipped here too");
-        }
         let sink = ResultSink::open(args.output.as_deref()).map_err(usage)?;
         if journal.is_none() && !args.quiet && !args.no_journal {
             eprintln!("psbridge: note: no journal (results go to stdout); give --journal FILE to make this batch resumable");
         }
-        Ok(Batch { entries, workers_builder, retry: profile.retry(), workers, timeout: args.timeout, journal, previous, sink })
+        Ok(Batch {
+            entries: Entries::new(lines, format),
+            total,
+            workers_builder,
+            retry: profile.retry(),
+            workers,
+            timeout: args.timeout,
+            depth: args.depth,
+            retry_failed: args.retry_failed,
+            journal,
+            previous,
+            sink,
+        })
     }
 
     async fn execute(mut self, args: &BatchArgs) -> u8 {
         let mut tally = Tally::default();
-        let mut progress = Progress::new(self.entries.len(), args.quiet, args.progress_interval);
-        let mut to_run: Vec<(Item, u32)> = Vec::new();
-        for entry in std::mem::take(&mut self.entries) {
-            match entry {
-                Entry::Invalid(invalid) => {
-                    tally.failed += 1;
-                    tally.invalid += 1;
-                    let record = json!({
-                        "line": invalid.line, "input": invalid.raw, "status": "invalid", "error": invalid.message,
-                    });
-                    if !self.emit(&record, &progress) {
-                        return EXIT_BRIDGE;
-                    }
-                }
-                Entry::Item(item) => match self.previous.finished.get(&item.identity) {
-                    Some(done) if !(args.retry_failed && done["status"] != "succeeded") => {
-                        let mut record = done.clone();
-                        record["previous_run"] = json!(true);
-                        if record["status"] == "succeeded" { tally.skipped += 1 } else { tally.failed += 1 }
-                        if !self.emit(&record, &progress) {
-                            return EXIT_BRIDGE;
-                        }
-                    }
-                    Some(_) => to_run.push((item, 0)),
-                    None => {
-                        let starts = self.previous.starts.get(&item.identity).copied().unwrap_or(0);
-                        to_run.push((item, starts));
-                    }
-                },
-            }
-        }
-        if tally.skipped > 0 || to_run.iter().any(|(_, starts)| *starts > 0) {
-            let in_flight = to_run.iter().filter(|(_, starts)| *starts > 0).count();
+        let mut progress = Progress::new(self.total, args.quiet, args.progress_interval);
+        if !self.previous.finished.is_empty() || !self.previous.starts.is_empty() {
             progress.note(&format!(
-                "psbridge batch: resuming from {}: {} finished earlier, {in_flight} were in flight and run again, {} to run",
+                "psbridge batch: resuming from {}: {} items finished earlier, {} were running and run again",
                 self.journal.as_ref().map_or_else(String::new, |j| j.path().display().to_string()),
-                tally.skipped,
-                to_run.len()
+                self.previous.finished.len(),
+                self.previous.in_flight(),
             ));
+        }
+        // Read ahead up to one item per worker, so that the pool starts no more workers than there are
+        // items to run.
+        let mut ready: VecDeque<(Command, Ticket)> = VecDeque::new();
+        let mut stop = None;
+        while ready.len() < self.workers {
+            match self.next_to_run(&mut tally, &progress) {
+                Ok(Some(next)) => ready.push_back(next),
+                Ok(None) => break,
+                Err(error) => {
+                    stop = Some(error);
+                    break;
+                }
+            }
         }
         let mut interrupted = false;
         let mut code = EXIT_OK;
-        if !to_run.is_empty() {
-            match self.open_pool().await {
+        if !ready.is_empty() && stop.is_none() {
+            match self.open_pool(ready.len()).await {
                 Ok(pool) => {
                     progress.begin(&tally); // the rate counts from here, not from the workers' start-up
-                    interrupted = self.dispatch(&pool, &mut to_run, &mut tally, &mut progress).await;
+                    let (was_interrupted, stopped) = self.dispatch(&pool, &mut ready, &mut tally, &mut progress).await;
+                    interrupted = was_interrupted;
+                    stop = stopped;
                     pool.close().await;
                 }
                 Err(message) => {
@@ -268,18 +395,26 @@ impl Batch {
                 }
             }
         }
-        // Whatever did not run is still accounted for.
-        for (item, _) in to_run {
-            tally.not_run += 1;
-            if !self.emit(&item_record(&item, "not_run"), &progress) {
-                return EXIT_BRIDGE;
-            }
+        // Whatever did not run is still accounted for, to the end of the input.
+        if !matches!(stop, Some(Stop::Output))
+            && let Err(error) = self.not_run(ready, &mut tally, &progress)
+        {
+            stop = Some(error);
         }
         progress.finish();
-        if let Some(journal) = &mut self.journal
+        if let Some(journal) = &self.journal
             && let Err(error) = journal.sync()
         {
             eprintln!("psbridge: {error}");
+        }
+        match stop {
+            Some(Stop::Output) => return EXIT_BRIDGE,
+            Some(Stop::Input(error)) => {
+                eprintln!("psbridge: {error}; the items after it did not run");
+                code = EXIT_USAGE;
+            }
+            Some(Stop::Journal) => code = EXIT_BRIDGE,
+            None => {}
         }
         if let Err(error) = self.sink.finish() {
             eprintln!("psbridge: cannot write the results: {error}");
@@ -302,10 +437,59 @@ impl Batch {
         }
     }
 
-    async fn open_pool(&self) -> Result<RunspacePool, String> {
+    /// The next item to run, writing the results of the entries before it that need no run (invalid
+    /// lines, items finished in an earlier run); `None` at the end of the input.
+    fn next_to_run(&mut self, tally: &mut Tally, progress: &Progress) -> Result<Option<(Command, Ticket)>, Stop> {
+        loop {
+            match self.entries.next_entry().map_err(Stop::Input)? {
+                None => return Ok(None),
+                Some(Entry::Invalid(invalid)) => {
+                    tally.failed += 1;
+                    tally.invalid += 1;
+                    let mut record = ResultRecord::new(invalid.line, invalid.input, Status::Invalid);
+                    record.command = invalid.command;
+                    record.errors = vec![bridge_error("psbridge.invalid_input", invalid.message)];
+                    self.emit(&record, progress)?;
+                }
+                Some(Entry::Item(item)) => {
+                    let Item { line, input, name, command, key, id, identity } = *item;
+                    let earlier = match self.previous.finished.remove(&identity) {
+                        Some(done) if !(self.retry_failed && done.status != Status::Succeeded) => {
+                            let mut record = done;
+                            record.previous_run = true;
+                            record.line = line; // the line may have moved since (a fixed or changed input)
+                            if record.status == Status::Succeeded { tally.skipped += 1 } else { tally.failed += 1 }
+                            self.emit(&record, progress)?;
+                            continue;
+                        }
+                        Some(_) => 0, // failed before, run again with --retry-failed: a fresh run
+                        None => self.previous.starts.get(&identity).copied().unwrap_or(0),
+                    };
+                    let mut record = ResultRecord::new(line, input, Status::NotRun);
+                    (record.id, record.key, record.command) = (id, key, Some(name));
+                    return Ok(Some((command, Ticket { record, identity, line, earlier, began: Arc::default() })));
+                }
+            }
+        }
+    }
+
+    /// Writes `not_run` results for the items that did not run, and the results of the rest of the input.
+    fn not_run(&mut self, ready: VecDeque<(Command, Ticket)>, tally: &mut Tally, progress: &Progress) -> Result<(), Stop> {
+        for (_, ticket) in ready {
+            tally.not_run += 1;
+            self.emit(&ticket.record, progress)?;
+        }
+        while let Some((_, ticket)) = self.next_to_run(tally, progress)? {
+            tally.not_run += 1;
+            self.emit(&ticket.record, progress)?;
+        }
+        Ok(())
+    }
+
+    async fn open_pool(&self, workers: usize) -> Result<RunspacePool, String> {
         RunspacePool::builder(self.workers_builder.clone())
-            .min_workers(self.workers)
-            .max_workers(self.workers)
+            .min_workers(workers)
+            .max_workers(workers)
             .retry(self.retry.clone())
             .shutdown_grace(Duration::from_secs(10))
             .build()
@@ -314,60 +498,95 @@ impl Batch {
     }
 
     /// Runs the items, at most two per worker handed to the pool at a time, in input order. Returns
-    /// whether it was interrupted. Items it did not start stay in `to_run`.
-    async fn dispatch(&mut self, pool: &RunspacePool, to_run: &mut Vec<(Item, u32)>, tally: &mut Tally, progress: &mut Progress) -> bool {
+    /// whether it was interrupted, and why it stopped otherwise. Items it did not hand over stay in
+    /// `ready` or in the input.
+    async fn dispatch(
+        &mut self,
+        pool: &RunspacePool,
+        ready: &mut VecDeque<(Command, Ticket)>,
+        tally: &mut Tally,
+        progress: &mut Progress,
+    ) -> (bool, Option<Stop>) {
         let limit = self.workers * 2;
-        let mut queue = std::mem::take(to_run).into_iter();
-        let mut running: JoinSet<(Result<InvocationResult, psbridge::Error>, Duration)> = JoinSet::new();
-        let mut items: HashMap<tokio::task::Id, (Item, u32)> = HashMap::new();
+        let mut running: JoinSet<Result<InvocationResult, psbridge::Error>> = JoinSet::new();
+        let mut tickets: HashMap<tokio::task::Id, Ticket> = HashMap::new();
         let mut signals = Signals::new();
-        let mut stopping = false;
+        let mut interrupted = false;
+        let mut stop = None;
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         loop {
-            while !stopping && running.len() < limit {
-                let Some((item, earlier_starts)) = queue.next() else { break };
-                if let Some(journal) = &mut self.journal
-                    && let Err(error) = journal.start(&item.identity, item.line)
-                {
-                    // Without the start record a crash could repeat this item unmarked: stop here.
-                    progress.note(&format!("psbridge: {error}; stopping"));
-                    to_run.push((item, earlier_starts));
-                    stopping = true;
-                    break;
-                }
-                let pending = match pool.submit(self.command(&item)).await {
-                    Ok(pending) => pending,
-                    Err(error) => {
-                        self.finish(item, earlier_starts, Err(error), Duration::ZERO, tally, progress);
-                        continue;
-                    }
+            if let Some(error) = self.journal.as_ref().and_then(SharedJournal::take_start_failure) {
+                // Without start records a crash could repeat items unmarked: take no more.
+                progress.note(&format!("psbridge: {error}; stopping"));
+                stop.get_or_insert(Stop::Journal);
+            }
+            while !interrupted && stop.is_none() && running.len() < limit {
+                let next = match ready.pop_front() {
+                    Some(next) => Some(next),
+                    None => match self.next_to_run(tally, progress) {
+                        Ok(next) => next,
+                        Err(error) => {
+                            stop = Some(error);
+                            None
+                        }
+                    },
                 };
-                let started = Instant::now();
-                let handle = running.spawn(async move { (pending.result().await, started.elapsed()) });
-                items.insert(handle.id(), (item, earlier_starts));
+                let Some((command, ticket)) = next else { break };
+                let command = self.options(command);
+                let (journal, began, identity, line) = (self.journal.clone(), ticket.began.clone(), ticket.identity.clone(), ticket.line);
+                let on_start = move || {
+                    // Before the command reaches PowerShell: a crash after this repeats it marked.
+                    if let Some(journal) = journal {
+                        journal.start(&identity, line);
+                    }
+                    let _ = began.set(Instant::now());
+                };
+                match pool.submit_with_start(command, on_start).await {
+                    Ok(pending) => {
+                        let handle = running.spawn(pending.result());
+                        tickets.insert(handle.id(), ticket);
+                    }
+                    Err(error) => {
+                        if self.finish(ticket, Err(error), tally, progress).is_err() {
+                            stop = Some(Stop::Output);
+                        }
+                    }
+                }
             }
             if running.is_empty() {
                 break;
             }
             tokio::select! {
                 Some(joined) = running.join_next_with_id() => match joined {
-                    Ok((id, (outcome, elapsed))) => {
-                        let (item, earlier) = items.remove(&id).expect("every task has its item");
-                        self.finish(item, earlier, outcome, elapsed, tally, progress);
+                    Ok((id, outcome)) => {
+                        let ticket = tickets.remove(&id).expect("every task has its ticket");
+                        if self.finish(ticket, outcome, tally, progress).is_err() {
+                            stop = Some(Stop::Output);
+                        }
                     }
                     Err(error) => {
-                        let (item, _) = items.remove(&error.id()).expect("every task has its item");
-                        tally.cancelled += 1;
-                        // No finish record: the next run repeats it, marked resumed_in_flight.
-                        self.emit(&item_record(&item, "cancelled"), progress);
+                        let mut ticket = tickets.remove(&error.id()).expect("every task has its ticket");
+                        // Begun: it may have been applied. No finish record, so the next run repeats it,
+                        // marked resumed_in_flight. Not begun: it simply did not run.
+                        if ticket.began.get().is_some() {
+                            tally.cancelled += 1;
+                            ticket.record.status = Status::Cancelled;
+                            ticket.record.attempts = ticket.earlier + 1;
+                            ticket.record.resumed_in_flight = ticket.earlier > 0;
+                        } else {
+                            tally.not_run += 1;
+                        }
+                        if self.emit(&ticket.record, progress).is_err() {
+                            stop = Some(Stop::Output);
+                        }
                     }
                 },
                 () = signals.recv() => {
-                    if stopping {
+                    if interrupted {
                         progress.note("psbridge batch: cancelling the running items");
                         running.abort_all();
                     } else {
-                        stopping = true;
+                        interrupted = true;
                         progress.note(&format!(
                             "psbridge batch: stopping: waiting for {} running items (interrupt again to cancel them)",
                             running.len()
@@ -377,17 +596,16 @@ impl Batch {
                 _ = ticker.tick() => progress.update(tally),
             }
         }
-        to_run.extend(queue);
-        stopping
+        (interrupted, stop)
     }
 
-    fn command(&self, item: &Item) -> Command {
-        let mut command = Command::new(item.command.as_str()).params(item.parameters.clone());
-        if let Some(key) = &item.key {
-            command = command.key(key.as_str());
-        }
+    /// The batch-wide options on an item's command.
+    fn options(&self, mut command: Command) -> Command {
         if let Some(timeout) = self.timeout {
             command = command.timeout(timeout);
+        }
+        if let Some(depth) = self.depth {
+            command = command.depth(depth);
         }
         command
     }
@@ -395,69 +613,36 @@ impl Batch {
     /// Journals and writes one item's result.
     fn finish(
         &mut self,
-        item: Item,
-        earlier_starts: u32,
+        ticket: Ticket,
         outcome: Result<InvocationResult, psbridge::Error>,
-        elapsed: Duration,
         tally: &mut Tally,
         progress: &mut Progress,
-    ) {
-        let record = result_record(&item, earlier_starts, outcome, elapsed);
+    ) -> Result<(), Stop> {
+        let Ticket { mut record, identity, earlier, began, .. } = ticket;
+        let elapsed = began.get().map_or(Duration::ZERO, Instant::elapsed);
+        record.ran(outcome, earlier, elapsed);
         tally.ran += 1;
-        if record["status"] == "succeeded" { tally.succeeded += 1 } else { tally.failed += 1 }
-        if record["attempts"].as_u64().unwrap_or(1) > 1 {
+        if record.status == Status::Succeeded { tally.succeeded += 1 } else { tally.failed += 1 }
+        if record.attempts > 1 {
             tally.retried += 1;
         }
-        if let Some(journal) = &mut self.journal
-            && let Err(error) = journal.finish(&item.identity, &record)
+        if let Some(journal) = &self.journal
+            && let Err(error) = journal.finish(&identity, &record)
         {
             progress.note(&format!("psbridge: {error}"));
         }
-        self.emit(&record, progress);
+        self.emit(&record, progress)?;
         progress.update(tally);
+        Ok(())
     }
 
-    /// Writes a result; reports a failure to write (and returns false).
-    fn emit(&mut self, record: &Value, progress: &Progress) -> bool {
-        match self.sink.write(record) {
-            Ok(()) => true,
-            Err(error) => {
-                progress.note(&format!("psbridge: cannot write the results: {error}"));
-                false
-            }
-        }
+    /// Writes a result; reports a failure to write.
+    fn emit(&mut self, record: &ResultRecord, progress: &Progress) -> Result<(), Stop> {
+        self.sink.write(record).map_err(|error| {
+            progress.note(&format!("psbridge: cannot write the results: {error}"));
+            Stop::Output
+        })
     }
-}
-
-/// The record of an item: what it was, and its status.
-fn item_record(item: &Item, status: &str) -> Value {
-    json!({
-        "line": item.line, "id": item.id, "key": item.key, "command": item.command, "input": item.raw, "status": status,
-    })
-}
-
-/// The result record of an item that ran.
-fn result_record(item: &Item, earlier_starts: u32, outcome: Result<InvocationResult, psbridge::Error>, elapsed: Duration) -> Value {
-    let succeeded = outcome.as_ref().is_ok_and(|result| result.succeeded());
-    let mut record = item_record(item, if succeeded { "succeeded" } else { "failed" });
-    let attempts = match outcome {
-        Ok(result) => {
-            record["output"] = Value::Array(result.output.into_iter().map(|o| o.value).collect());
-            record["errors"] = json!(result.errors);
-            record["warnings"] = json!(result.warnings);
-            result.attempts
-        }
-        Err(error) => {
-            record["error"] = json!(error.to_string());
-            1
-        }
-    };
-    record["attempts"] = json!(earlier_starts + attempts);
-    record["duration_ms"] = json!((elapsed.as_secs_f64() * 1e4).round() / 10.0);
-    if earlier_starts > 0 {
-        record["resumed_in_flight"] = json!(true);
-    }
-    record
 }
 
 fn summary(tally: &Tally, progress: &Progress) -> String {
@@ -473,18 +658,6 @@ fn summary(tally: &Tally, progress: &Progress) -> String {
     }
     let seconds = progress.elapsed().as_secs_f64();
     text + &format!("; {} items run in {seconds:.1} s ({:.1} items/s)", tally.ran, progress.rate(tally))
-}
-
-fn read_input(path: &Path) -> Result<String, String> {
-    let bytes = if path == Path::new("-") {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).map_err(|e| format!("cannot read standard input: {e}"))?;
-        bytes
-    } else {
-        std::fs::read(path).map_err(|e| format!("cannot read the input {}: {e}", path.display()))?
-    };
-    let text = String::from_utf8(bytes).map_err(|e| format!("the input {} is not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to()))?;
-    Ok(text.strip_prefix('\u{feff}').map(str::to_owned).unwrap_or(text))
 }
 
 /// `path` with `suffix` added to its file name.
