@@ -174,6 +174,21 @@ pub enum Error {
     #[error("protocol violation: {0}")]
     ProtocolViolation(String),
 
+    /// An output object does not have the shape of the Rust type it was read as
+    /// ([`PsObject::deserialize`](crate::PsObject::deserialize)).
+    #[error(
+        "an output object of type {type_name} does not fit: {}{reason}",
+        property.as_deref().map(|p| format!("property {p}: ")).unwrap_or_default()
+    )]
+    OutputShape {
+        /// The object's most specific type name.
+        type_name: String,
+        /// The property that is missing or mistyped (a path such as `EmailAddresses[2]`), if one is.
+        property: Option<String>,
+        /// What serde said.
+        reason: String,
+    },
+
     /// A pool could not start its minimum number of workers.
     #[error("the pool could not start {} of its {wanted} workers; first failure: {}", failures.len(), failures[0])]
     PoolOpen {

@@ -42,6 +42,38 @@ impl PsObject {
     pub fn property(&self, name: &str) -> Option<&Value> {
         self.value.get(name)
     }
+
+    /// The object as a Rust type, so that a service can declare the properties it reads.
+    ///
+    /// # Errors
+    /// [`Error::OutputShape`](crate::Error::OutputShape) naming the property that is missing or of
+    /// another type, and the object's type names.
+    ///
+    /// ```
+    /// use psbridge::PsObject;
+    /// #[derive(Debug, serde::Deserialize)]
+    /// #[serde(rename_all = "PascalCase")]
+    /// struct Mailbox { alias: String, primary_smtp_address: String }
+    /// let o = PsObject {
+    ///     type_names: vec!["Deserialized.Microsoft.Exchange.Data.Directory.Management.Mailbox".into()],
+    ///     value: serde_json::json!({"Alias": "ContosoUser1", "PrimarySmtpAddress": "ContosoUser1@contoso.com"}),
+    /// };
+    /// let mailbox: Mailbox = o.deserialize().unwrap();
+    /// assert_eq!(mailbox.alias, "ContosoUser1");
+    /// let missing = PsObject { value: serde_json::json!({"Alias": 5}), ..o };
+    /// let error = missing.deserialize::<Mailbox>().unwrap_err().to_string();
+    /// assert!(error.contains("Alias") && error.contains("Mailbox"), "{error}");
+    /// ```
+    pub fn deserialize<T: serde::de::DeserializeOwned>(&self) -> crate::Result<T> {
+        serde_path_to_error::deserialize(&self.value).map_err(|error| {
+            let path = error.path().to_string();
+            crate::Error::OutputShape {
+                type_name: self.type_names.first().cloned().unwrap_or_else(|| "an object without type names".into()),
+                property: if path == "." { None } else { Some(path) },
+                reason: error.into_inner().to_string(),
+            }
+        })
+    }
 }
 
 /// A PowerShell `ErrorRecord`, with the fields people look at.
@@ -318,6 +350,14 @@ impl InvocationResult {
         self.duration = completion.duration;
         self.exit_code = completion.exit_code;
         self.native_exit_code = completion.native_exit_code;
+    }
+
+    /// Every output object as a Rust type (see [`PsObject::deserialize`]).
+    ///
+    /// # Errors
+    /// [`Error::OutputShape`](crate::Error::OutputShape) for the first object that does not fit.
+    pub fn output_as<T: serde::de::DeserializeOwned>(&self) -> crate::Result<Vec<T>> {
+        self.output.iter().map(PsObject::deserialize).collect()
     }
 
     /// Whether the command succeeded: it wrote no error record, ended in the `Completed` state, and did

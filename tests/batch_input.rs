@@ -200,7 +200,6 @@ fn two_items_with_sixteen_workers_start_two_and_bad_parameters_are_results() {
 }
 
 #[test]
-#[ignore = "needs the worker to report `exit` (exit_code), which the library branch adds"]
 fn a_script_item_that_exits_3_fails_with_its_exit_code() {
     let env = CliEnv::new("");
     let exit3 = env.path("exit3.ps1");

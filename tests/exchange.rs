@@ -340,3 +340,32 @@ async fn a_certificate_from_a_base64_pfx_connects_in_memory() {
     assert!(error.contains("Certificate") && error.contains("cannot be opened"), "{error}");
     assert!(!error.contains("wrong-password") && !error.contains(&encoded[..40]), "no secret in the message: {error}");
 }
+
+#[tokio::test]
+async fn mailboxes_read_as_a_rust_type_and_a_mistyped_property_is_named() {
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    #[allow(dead_code)] // read through Debug and the assertions below
+    struct Mailbox {
+        alias: String,
+        email_addresses: Vec<String>,
+        recipient_type_details: String,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    #[allow(dead_code)]
+    struct Wrong {
+        email_addresses: Vec<u32>,
+    }
+    let tenant = tempfile::tempdir().unwrap();
+    let mut rs = common::sim_builder(tenant.path()).open().await.unwrap();
+    let r = rs.invoke(&Command::new("Get-Mailbox").param("ResultSize", 3)).await.unwrap();
+    let mailboxes: Vec<Mailbox> = r.output_as().unwrap();
+    assert_eq!(mailboxes.len(), 3);
+    assert!(mailboxes[0].email_addresses.iter().any(|a| a.contains('@')), "{mailboxes:?}");
+    let error = r.output_as::<Wrong>().unwrap_err();
+    let Error::OutputShape { type_name, property, .. } = &error else { panic!("{error:?}") };
+    assert!(type_name.contains("Mailbox"), "{error}");
+    assert_eq!(property.as_deref(), Some("EmailAddresses[0]"), "{error}");
+    rs.close().await.unwrap();
+}
