@@ -7,7 +7,9 @@ use crate::errors::{Error, Result};
 /// The environment variable that names the pwsh executable when the builder does not.
 pub const PWSH_ENV: &str = "PSBRIDGE_PWSH";
 
-/// Finds pwsh: the configured path, else `PSBRIDGE_PWSH`, else `pwsh` on `PATH`.
+/// Finds pwsh: the configured path, else `PSBRIDGE_PWSH`, else `pwsh` on `PATH`, else
+/// `~/.dotnet/tools/pwsh` (where `dotnet tool install --global PowerShell` puts it, often not on the
+/// `PATH` of non-login shells and CI steps).
 ///
 /// A configured path or `PSBRIDGE_PWSH` that does not exist is an error of its own (no silent fall-back
 /// to another pwsh); the error names every place that was searched.

@@ -2,12 +2,26 @@
 
 use std::io::{self, Write};
 
+use clap::ValueEnum;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use psbridge::{Completion, InformationRecord, PipelineState, ProgressRecord, PsObject, StreamItem};
 use serde_json::{Value, json};
 
 use crate::exit::write_error_record;
-use crate::run::Format;
+
+/// How `run` prints output objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One JSON array.
+    Json,
+    /// One JSON value per line.
+    Jsonl,
+    /// A readable table.
+    Table,
+    /// CSV with a header row (columns from --select, else the first object's properties; nested values
+    /// as JSON).
+    Csv,
+}
 
 /// Most columns a table shows; the rest are named on stderr.
 const TABLE_COLUMNS: usize = 8;

@@ -4,11 +4,11 @@ use std::io::StdoutLock;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use psbridge::{Command, Runspace, RunspaceBuilder, StreamItem};
 
 use crate::exit::{self, CliError};
-use crate::output::{self, Envelope, OutputWriter, Selection};
+use crate::output::{self, Envelope, Format, OutputWriter, Selection};
 use crate::params::ParamsSource;
 use crate::profile::Profile;
 use crate::secret::SecretReader;
@@ -96,20 +96,6 @@ pub struct RunArgs {
     /// Put this folder in front of PSModulePath (repeatable).
     #[arg(long = "module-path", value_name = "DIR")]
     module_paths: Vec<PathBuf>,
-}
-
-/// Output formats of `run`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// One JSON array.
-    Json,
-    /// One JSON value per line.
-    Jsonl,
-    /// A readable table.
-    Table,
-    /// CSV with a header row (columns from --select, else the first object's properties; nested values
-    /// as JSON).
-    Csv,
 }
 
 /// Runs the command; every failure, and every exit status but 0, is the returned [`CliError`].

@@ -75,13 +75,15 @@ fn install_module(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(folder)
 }
 
-/// A stable name for this build's module content (FNV-1a over the files).
+/// A stable name for this build's module content: the start of a SHA-256 over the files' names and texts.
 fn content_hash() -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
     for (name, text) in MODULE_FILES {
-        for byte in name.bytes().chain(text.bytes()) {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-        }
+        hash.update(name.as_bytes());
+        hash.update([0]);
+        hash.update(text.as_bytes());
+        hash.update([0]);
     }
-    format!("{hash:016x}")
+    hash.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
