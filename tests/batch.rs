@@ -315,3 +315,61 @@ fn bad_batch_usage_is_explained_and_touches_nothing() {
     assert_eq!(run.status.code(), Some(2));
     assert!(text(&run.stderr).contains("cannot read the input"), "{}", text(&run.stderr));
 }
+
+#[test]
+fn workers_that_cannot_connect_end_the_batch_at_once_with_every_item_not_run_and_why() {
+    // The simulation refuses any Organization but contoso's: every connect fails the same way.
+    let env = CliEnv::new(
+        r#"
+[profiles.refused]
+module_path = ['MODULES']
+modules = ["ExchangeOnlineManagement"]
+[profiles.refused.connect]
+command = "Connect-ExchangeOnline"
+parameters = { ManagedIdentity = true, Organization = "fabrikam.onmicrosoft.com", ShowBanner = false }
+"#
+        .replace("MODULES", &common::sim_modules().display().to_string())
+        .as_str(),
+    );
+    let items: Vec<Value> = (0..20).map(|i| new_mailbox(&format!("Refused{i:02}"))).collect();
+    let input = write_items(&env, "items.jsonl", &items);
+    let output = env.path("out.jsonl");
+    let run = env.psbridge().args(["--profile", "refused", "batch", &input, "-w", "2", "-o", output.to_str().unwrap()]).output().unwrap();
+    let stderr = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("not_run"), "{stderr}");
+    let results = jsonl(&read(&output));
+    assert_eq!(results.len(), 20, "one result per item");
+    for r in &results {
+        assert_eq!(r["status"], "not_run", "{r}");
+        let why = r["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(why.contains("could not start") && why.contains("fabrikam"), "the reason names the cause: {r}");
+    }
+}
+
+#[test]
+fn the_first_sigterm_ends_a_batch_whose_workers_cannot_connect_with_143() {
+    let env = CliEnv::new("");
+    let items: Vec<Value> = (0..10).map(|i| new_mailbox(&format!("Slow{i:02}"))).collect();
+    let input = write_items(&env, "items.jsonl", &items);
+    let output = env.path("out.jsonl");
+    let mut child = env
+        .psbridge()
+        .args(["batch", input.as_str(), "-w", "2", "-o", output.to_str().unwrap()])
+        .env("EXO_SIM_CONNECT_DELAY_MS", "600000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let the workers get into their connect, then one SIGTERM only.
+    std::thread::sleep(Duration::from_secs(5));
+    let signalled = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let done = child.wait_with_output().unwrap();
+    let stderr = text(&done.stderr);
+    assert_eq!(done.status.code(), Some(143), "{stderr}");
+    assert!(signalled.elapsed() < Duration::from_secs(40), "ended within the grace: {:?}", signalled.elapsed());
+    let results = jsonl(&read(&output));
+    assert_eq!(results.len(), 10);
+    assert!(results.iter().all(|r| r["status"] == "not_run"), "{results:?}");
+}

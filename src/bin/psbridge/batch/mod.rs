@@ -17,10 +17,12 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use psbridge::{Command, InvocationResult, RetryPolicy, RunspaceBuilder, RunspacePool};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 use crate::secret::SecretReader;
-use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Globals};
+use crate::exit::{CliError, EXIT_OUTPUT, Interrupt};
+use crate::signals::Signals;
+use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_OK, EXIT_USAGE, Globals};
 use input::{Entries, Entry, Format, Item};
 use journal::{Journal, Previous, SharedJournal};
 use progress::{Progress, Tally};
@@ -62,8 +64,9 @@ const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
 /// already have been applied. A journal written for another input (or the same file, changed) is
 /// refused: give --restart to start over, or --resume to go on anyway (items are matched by their
 /// content, so finished ones are still skipped). Ctrl-C (or SIGTERM) stops taking new items and lets
-/// running ones finish; a second one cancels them. Either way the journal is kept, the workers are
-/// disconnected and the exit status is 130.
+/// running ones finish (items no worker began within 10 s are not run); a second one cancels them.
+/// Either way the journal is kept, the workers are disconnected and the exit status is 130 (143 for
+/// SIGTERM).
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     psbridge batch --profile contoso --command Set-Mailbox --key-column Identity departments.csv --output results.jsonl\n  \
@@ -73,8 +76,9 @@ const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
     JSONL item:  {\"command\": \"New-Mailbox\", \"parameters\": {\"Name\": \"Ann\", \"Shared\": true}, \"key\": \"Ann\", \"id\": 17}\n\
     CSV header:  Identity,HiddenFromAddressListsEnabled:bool,ResultSize:int,Force:switch,EmailAddresses:array,Password:securestring\n\n\
     Exit status: 0 every item succeeded, 1 some item failed or was invalid, 2 bad usage, input or journal \
-    (a journal of another input included), 3 the workers could not start, 130 interrupted (resume by running \
-    the same command again).")]
+    (a journal of another input included), 3 no worker could be started and connected (the items are \
+    not_run, with the reason), 74 the results could not be written, 130 Ctrl-C, 143 SIGTERM (resume by \
+    running the same command again).")]
 pub struct BatchArgs {
     /// The input file (`-` for standard input).
     #[arg(value_name = "INPUT")]
@@ -213,10 +217,31 @@ pub async fn run(args: BatchArgs, globals: Globals) -> u8 {
 enum Stop {
     /// The results could not be written (already reported).
     Output,
+    /// No worker could be started and connected: the items that did not run say why.
+    Workers(String),
     /// The input could not be read any further.
     Input(SourceError),
     /// A start record could not be journalled (already reported).
     Journal,
+}
+
+/// How long running items may finish after the first signal, and how long queued ones may wait for a
+/// worker to begin them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The next signal; never, when signals could not be listened for.
+async fn recv(signals: &mut Option<Signals>) -> Interrupt {
+    match signals {
+        Some(signals) => signals.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// An item handed to the pool: its result so far, and what the journal needs.
@@ -378,26 +403,35 @@ impl Batch {
                 }
             }
         }
-        let mut interrupted = false;
+        let mut interrupted = None;
         let mut code = EXIT_OK;
+        let mut signals = match Signals::new() {
+            Ok(signals) => Some(signals),
+            Err(error) => {
+                progress.note(&format!("psbridge: cannot listen for Ctrl-C and SIGTERM: {error}"));
+                None
+            }
+        };
         if !ready.is_empty() && stop.is_none() {
-            match self.open_pool(ready.len()).await {
+            match self.start_pool(ready.len(), &mut signals, &mut interrupted).await {
                 Ok(pool) => {
                     progress.begin(&tally); // the rate counts from here, not from the workers' start-up
-                    let (was_interrupted, stopped) = self.dispatch(&pool, &mut ready, &mut tally, &mut progress).await;
+                    let (was_interrupted, stopped) =
+                        self.dispatch(&pool, &mut ready, &mut tally, &mut progress, &mut signals, interrupted).await;
                     interrupted = was_interrupted;
                     stop = stopped;
                     pool.close().await;
                 }
-                Err(message) => {
-                    progress.note(&format!("psbridge: {message}"));
-                    code = EXIT_BRIDGE;
-                }
+                Err(message) => stop = Some(Stop::Workers(message)),
             }
         }
         // Whatever did not run is still accounted for, to the end of the input.
+        let reason = match &stop {
+            Some(Stop::Workers(message)) => Some(message.clone()),
+            _ => None,
+        };
         if !matches!(stop, Some(Stop::Output))
-            && let Err(error) = self.not_run(ready, &mut tally, &progress)
+            && let Err(error) = self.not_run(ready, reason.as_deref(), &mut tally, &progress)
         {
             stop = Some(error);
         }
@@ -408,7 +442,11 @@ impl Batch {
             eprintln!("psbridge: {error}");
         }
         match stop {
-            Some(Stop::Output) => return EXIT_BRIDGE,
+            Some(Stop::Output) => return EXIT_OUTPUT,
+            Some(Stop::Workers(message)) => {
+                eprintln!("psbridge: {message}; the items that did not run are reported not_run");
+                code = EXIT_BRIDGE;
+            }
             Some(Stop::Input(error)) => {
                 eprintln!("psbridge: {error}; the items after it did not run");
                 code = EXIT_USAGE;
@@ -418,16 +456,16 @@ impl Batch {
         }
         if let Err(error) = self.sink.finish() {
             eprintln!("psbridge: cannot write the results: {error}");
-            return EXIT_BRIDGE;
+            return EXIT_OUTPUT;
         }
         if !args.quiet {
             eprintln!("{}", summary(&tally, &progress));
         }
-        if interrupted {
+        if let Some(signal) = interrupted {
             if !args.quiet && self.journal.is_some() {
                 eprintln!("psbridge batch: interrupted; run the same command again to resume");
             }
-            EXIT_INTERRUPTED
+            CliError::Interrupted(signal).exit_code()
         } else if code != EXIT_OK {
             code
         } else if tally.failed > 0 {
@@ -473,25 +511,62 @@ impl Batch {
         }
     }
 
-    /// Writes `not_run` results for the items that did not run, and the results of the rest of the input.
-    fn not_run(&mut self, ready: VecDeque<(Command, Ticket)>, tally: &mut Tally, progress: &Progress) -> Result<(), Stop> {
+    /// Writes `not_run` results for the items that did not run (with the reason, when there is one),
+    /// and the results of the rest of the input.
+    fn not_run(
+        &mut self,
+        ready: VecDeque<(Command, Ticket)>,
+        reason: Option<&str>,
+        tally: &mut Tally,
+        progress: &Progress,
+    ) -> Result<(), Stop> {
         for (_, ticket) in ready {
-            tally.not_run += 1;
-            self.emit(&ticket.record, progress)?;
+            self.emit_not_run(ticket.record, reason, tally, progress)?;
         }
         while let Some((_, ticket)) = self.next_to_run(tally, progress)? {
-            tally.not_run += 1;
-            self.emit(&ticket.record, progress)?;
+            self.emit_not_run(ticket.record, reason, tally, progress)?;
         }
         Ok(())
     }
 
+    fn emit_not_run(&mut self, mut record: ResultRecord, reason: Option<&str>, tally: &mut Tally, progress: &Progress) -> Result<(), Stop> {
+        tally.not_run += 1;
+        record.status = Status::NotRun;
+        if let Some(reason) = reason {
+            record.errors = vec![bridge_error("psbridge.not_run", reason.to_owned())];
+        }
+        self.emit(&record, progress)
+    }
+
+    /// Opens the pool, listening for signals meanwhile: after a first one, start-up gets the shutdown
+    /// grace to finish, then the batch ends (the workers being started are killed with the dropped
+    /// future) without waiting for a second signal.
+    async fn start_pool(
+        &self,
+        workers: usize,
+        signals: &mut Option<Signals>,
+        interrupted: &mut Option<Interrupt>,
+    ) -> Result<RunspacePool, String> {
+        let open = self.open_pool(workers);
+        tokio::pin!(open);
+        let signal = tokio::select! {
+            opened = &mut open => return opened,
+            signal = recv(signals) => signal,
+        };
+        *interrupted = Some(signal);
+        match tokio::time::timeout(SHUTDOWN_GRACE, open).await {
+            Ok(opened) => opened,
+            Err(_) => Err(format!("the workers did not start within {} s after the signal", SHUTDOWN_GRACE.as_secs())),
+        }
+    }
+
     async fn open_pool(&self, workers: usize) -> Result<RunspacePool, String> {
+        // Bounded: connect failures fail every queued item with the cause within seconds (connect_attempts).
         RunspacePool::builder(self.workers_builder.clone())
             .min_workers(workers)
             .max_workers(workers)
             .retry(self.retry.clone())
-            .shutdown_grace(Duration::from_secs(10))
+            .shutdown_grace(SHUTDOWN_GRACE)
             .build()
             .await
             .map_err(|e| format!("the workers could not start: {e}"))
@@ -506,12 +581,15 @@ impl Batch {
         ready: &mut VecDeque<(Command, Ticket)>,
         tally: &mut Tally,
         progress: &mut Progress,
-    ) -> (bool, Option<Stop>) {
+        signals: &mut Option<Signals>,
+        mut interrupted: Option<Interrupt>,
+    ) -> (Option<Interrupt>, Option<Stop>) {
         let limit = self.workers * 2;
         let mut running: JoinSet<Result<InvocationResult, psbridge::Error>> = JoinSet::new();
-        let mut tickets: HashMap<tokio::task::Id, Ticket> = HashMap::new();
-        let mut signals = Signals::new();
-        let mut interrupted = false;
+        let mut tickets: HashMap<tokio::task::Id, (Ticket, AbortHandle)> = HashMap::new();
+        // After the first signal, items that no worker has begun get the shutdown grace to begin: a batch
+        // whose workers cannot connect then ends without a second signal.
+        let mut grace: Option<tokio::time::Instant> = None;
         let mut stop = None;
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         loop {
@@ -520,7 +598,7 @@ impl Batch {
                 progress.note(&format!("psbridge: {error}; stopping"));
                 stop.get_or_insert(Stop::Journal);
             }
-            while !interrupted && stop.is_none() && running.len() < limit {
+            while interrupted.is_none() && stop.is_none() && running.len() < limit {
                 let next = match ready.pop_front() {
                     Some(next) => Some(next),
                     None => match self.next_to_run(tally, progress) {
@@ -544,11 +622,11 @@ impl Batch {
                 match pool.submit_with_start(command, on_start).await {
                     Ok(pending) => {
                         let handle = running.spawn(pending.result());
-                        tickets.insert(handle.id(), ticket);
+                        tickets.insert(handle.id(), (ticket, handle));
                     }
                     Err(error) => {
-                        if self.finish(ticket, Err(error), tally, progress).is_err() {
-                            stop = Some(Stop::Output);
+                        if let Err(stopped) = self.finish(ticket, Err(error), tally, progress) {
+                            stop = Some(stopped);
                         }
                     }
                 }
@@ -559,13 +637,13 @@ impl Batch {
             tokio::select! {
                 Some(joined) = running.join_next_with_id() => match joined {
                     Ok((id, outcome)) => {
-                        let ticket = tickets.remove(&id).expect("every task has its ticket");
-                        if self.finish(ticket, outcome, tally, progress).is_err() {
-                            stop = Some(Stop::Output);
+                        let (ticket, _) = tickets.remove(&id).expect("every task has its ticket");
+                        if let Err(stopped) = self.finish(ticket, outcome, tally, progress) {
+                            stop.get_or_insert(stopped);
                         }
                     }
                     Err(error) => {
-                        let mut ticket = tickets.remove(&error.id()).expect("every task has its ticket");
+                        let (mut ticket, _) = tickets.remove(&error.id()).expect("every task has its ticket");
                         // Begun: it may have been applied. No finish record, so the next run repeats it,
                         // marked resumed_in_flight. Not begun: it simply did not run.
                         if ticket.began.get().is_some() {
@@ -581,16 +659,27 @@ impl Batch {
                         }
                     }
                 },
-                () = signals.recv() => {
-                    if interrupted {
+                signal = recv(signals) => {
+                    if interrupted.is_some() {
                         progress.note("psbridge batch: cancelling the running items");
                         running.abort_all();
                     } else {
-                        interrupted = true;
+                        interrupted = Some(signal);
+                        grace = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
                         progress.note(&format!(
                             "psbridge batch: stopping: waiting for {} running items (interrupt again to cancel them)",
                             running.len()
                         ));
+                    }
+                }
+                () = sleep_until(grace) => {
+                    grace = None;
+                    let waiting: Vec<&AbortHandle> = tickets.values().filter(|(t, _)| t.began.get().is_none()).map(|(_, h)| h).collect();
+                    if !waiting.is_empty() {
+                        progress.note(&format!("psbridge batch: {} items found no worker within the shutdown grace; not running them", waiting.len()));
+                    }
+                    for handle in waiting {
+                        handle.abort();
                     }
                 }
                 _ = ticker.tick() => progress.update(tally),
@@ -610,7 +699,8 @@ impl Batch {
         command
     }
 
-    /// Journals and writes one item's result.
+    /// Journals and writes one item's result. An item that never began because no worker could be started
+    /// and connected is `not_run` with the reason, and stops the batch.
     fn finish(
         &mut self,
         ticket: Ticket,
@@ -618,6 +708,13 @@ impl Batch {
         tally: &mut Tally,
         progress: &mut Progress,
     ) -> Result<(), Stop> {
+        if let Err(error @ psbridge::Error::WorkersUnavailable { .. }) = &outcome
+            && ticket.began.get().is_none()
+        {
+            let message = error.to_string();
+            self.emit_not_run(ticket.record, Some(&message), tally, progress)?;
+            return Err(Stop::Workers(message));
+        }
         let Ticket { mut record, identity, earlier, began, .. } = ticket;
         let elapsed = began.get().map_or(Duration::ZERO, Instant::elapsed);
         record.ran(outcome, earlier, elapsed);
@@ -671,51 +768,5 @@ fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
-    }
-}
-
-/// Ctrl-C and SIGTERM, as often as they come.
-struct Signals {
-    #[cfg(unix)]
-    interrupt: Option<tokio::signal::unix::Signal>,
-    #[cfg(unix)]
-    terminate: Option<tokio::signal::unix::Signal>,
-}
-
-impl Signals {
-    fn new() -> Signals {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Signals { interrupt: signal(SignalKind::interrupt()).ok(), terminate: signal(SignalKind::terminate()).ok() }
-        }
-        #[cfg(not(unix))]
-        Signals {}
-    }
-
-    async fn recv(&mut self) {
-        #[cfg(unix)]
-        {
-            let interrupt = async {
-                match &mut self.interrupt {
-                    Some(s) => s.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let terminate = async {
-                match &mut self.terminate {
-                    Some(s) => s.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = interrupt => {}
-                _ = terminate => {}
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }
