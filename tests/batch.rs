@@ -353,7 +353,7 @@ fn the_first_sigterm_ends_a_batch_whose_workers_cannot_connect_with_143() {
     let items: Vec<Value> = (0..10).map(|i| new_mailbox(&format!("Slow{i:02}"))).collect();
     let input = write_items(&env, "items.jsonl", &items);
     let output = env.path("out.jsonl");
-    let mut child = env
+    let child = env
         .psbridge()
         .args(["batch", input.as_str(), "-w", "2", "-o", output.to_str().unwrap()])
         .env("EXO_SIM_CONNECT_DELAY_MS", "600000")
