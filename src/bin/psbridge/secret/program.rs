@@ -36,7 +36,7 @@ pub enum ProgramError {
         #[source]
         source: std::io::Error,
     },
-    #[error("command {program} failed ({status}){}; run it yourself to see why", tail(stderr))]
+    #[error("command {program} failed ({status}); run it yourself to see why{}", tail(stderr))]
     Failed { program: String, status: ExitStatus, stderr: String },
     #[error(
         "command {program} did not finish within {} s and was killed (set timeout_secs to allow longer){}",
