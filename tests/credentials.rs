@@ -38,7 +38,7 @@ fn token_profile(env: &CliEnv, source: &str) -> String {
 module_path = ['{modules}']
 modules = ["ExchangeOnlineManagement"]
 env = {{ EXO_SIM_TENANT = '{tenant}' }}
-start_timeout_secs = "2m"
+start_timeout_secs = 120
 [profiles.tok.connect]
 command = "Connect-ExchangeOnline"
 parameters = {{ Organization = "contoso.onmicrosoft.com", ShowBanner = false, EXOModuleBasePath = '{tenant}' }}
