@@ -603,4 +603,50 @@ max_attempts = 3
         let error = parse("default_profile = \"nope\"\n").unwrap_err().to_string();
         assert!(error.contains("line 1") && error.contains("nope"), "{error}");
     }
+
+    #[test]
+    fn durations_are_seconds_or_humantime_text_within_a_year() {
+        let timeout = |value: &str| {
+            parse(&format!("[profiles.a]\ncommand_timeout_secs = {value}\n")).map(|c| c.file.profiles["a"].get_ref().command_timeout_secs.unwrap().0)
+        };
+        assert_eq!(timeout("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(timeout("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(timeout("\"45\"").unwrap(), Duration::from_secs(45));
+        assert_eq!(timeout("\"30s\"").unwrap(), Duration::from_secs(30));
+        assert_eq!(timeout("\"5m\"").unwrap(), Duration::from_secs(300));
+        assert_eq!(timeout("\"1h 30m\"").unwrap(), Duration::from_secs(5400));
+        assert_eq!(timeout("\"365d\"").unwrap(), Duration::from_secs(365 * 86400));
+        for bad in ["0", "-1", "\"0s\"", "\"366d\"", "31536001", "\"soon\""] {
+            let error = timeout(bad).unwrap_err().to_string();
+            assert!(error.contains("line 2") && error.contains("command_timeout_secs") && error.contains("at most a year"), "{bad}: {error}");
+        }
+        let error = parse("[profiles.a.connect]\ncommand = \"C\"\nsecrets.T = { command = [\"az\"], timeout_secs = \"never\" }\n").unwrap_err().to_string();
+        assert!(error.contains("line 3") && error.contains("\"never\" is not a duration"), "{error}");
+    }
+
+    #[test]
+    fn every_field_is_checked_when_the_file_is_read() {
+        let cases = [
+            ("[profiles.a]\nexecution_policy = \"RemoteSinged\"\n", "line 2", "is not an execution policy"),
+            ("[profiles.a]\nworkers = 1\nconnect_attempts = 0\n", "line 3", "connect_attempts must be at least 1"),
+            ("[profiles.a.retry]\nmax_attempts = 0\n", "line 2", "retry.max_attempts must be at least 1"),
+            ("[profiles.a]\nenv = { \"A=B\" = \"x\" }\n", "line 1", "cannot be set"),
+            ("[profiles.a.connect]\ncommand = \"\"\n", "line 2", "the command name is empty"),
+            ("[profiles.a.connect]\ncommand = \"C\"\nparameters = { \"Bad-Name\" = 1 }\n", "line 2", "\"Bad-Name\" is not valid"),
+            ("[profiles.a.connect]\ncommand = \"C\"\nsecrets.T = { command = [] }\n", "line 3", "needs the program first"),
+            ("[profiles.a.connect]\ncommand = \"C\"\nsecrets.T = { env = \"T\", json_field = \"x\" }\n", "line 3", "are for a command source"),
+            ("[profiles.a.disconnect]\ncommand = \"C\"\nsecrets.T = { command = [\"az\"] }\n", "line 3", "the disconnect command is made once"),
+            (
+                "[profiles.a.connect]\ncommand = \"C\"\nsecrets.A = { env = \"A\", as = \"certificate\" }\nsecrets.B = { env = \"B\", as = \"certificate\" }\n",
+                "line 4",
+                "only one secret may be a certificate",
+            ),
+            ("[profiles.a.connect]\ncommand = \"C\"\nsecrets.AccessToken = { env = \"A\", as = \"certificate\" }\n", "line 3", "is not a certificate"),
+            ("[profiles.a.connect]\ncommand = \"C\"\nsecrets.Pw = { env = \"A\" }\nsecrets.pw = { env = \"B\" }\n", "line 2", "given twice"),
+        ];
+        for (text, line, wanted) in cases {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(line) && error.contains(wanted), "{text}\n=> {error}");
+        }
+    }
 }
