@@ -215,3 +215,39 @@ fn command(spec: &CommandSpec, secrets: &mut SecretReader) -> Result<Command, Se
     }
     Ok(connector::bind(spec, values))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(text: &str) -> Profile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        Profile::find(&Config::load(Some(&path)).unwrap(), Some("p")).unwrap()
+    }
+
+    #[test]
+    fn exchange_profiles_get_the_exchange_preset_unless_they_say_otherwise() {
+        let exchange = profile("[profiles.p]\nmodules = [\"ExchangeOnlineManagement\"]\n");
+        assert_eq!(exchange.command_timeout(), Some(exo::COMMAND_TIMEOUT));
+        assert_eq!(exchange.retry().attempts(), exo::retry_policy().attempts());
+        let pool = format!("{:?}", exchange.pool_builder(Runspace::builder()));
+        assert!(pool.contains("ExchangeOnline") && pool.contains("Get-ConnectionInformation"), "{pool}");
+        assert!(pool.contains("connect_attempts: 3") && pool.contains("refresh_margin: 300s"), "{pool}");
+
+        let tuned = profile(
+            "[profiles.p]\nmodules = [\"ExchangeOnlineManagement\"]\ncommand_timeout_secs = \"10m\"\nconnect_attempts = 5\n\
+             token_refresh_margin_secs = \"1m\"\n[profiles.p.retry]\nmax_attempts = 7\n",
+        );
+        assert_eq!(tuned.command_timeout(), Some(Duration::from_secs(600)));
+        assert_eq!(tuned.retry().attempts(), 7);
+        let pool = format!("{:?}", tuned.pool_builder(Runspace::builder()));
+        assert!(pool.contains("connect_attempts: 5") && pool.contains("refresh_margin: 60s"), "{pool}");
+
+        let plain = profile("[profiles.p]\nmodules = [\"Microsoft.PowerShell.Archive\"]\n");
+        assert_eq!(plain.command_timeout(), None);
+        assert_eq!(plain.retry().attempts(), RetryPolicy::default().attempts());
+        assert!(!format!("{:?}", plain.pool_builder(Runspace::builder())).contains("ExchangeOnline"));
+    }
+}
