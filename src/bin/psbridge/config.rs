@@ -17,9 +17,11 @@
 //! the line and the key.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de};
 use serde_json::{Map, Value};
 use toml::Spanned;
 
@@ -60,12 +62,18 @@ pub struct ProfileSpec {
     pub env: BTreeMap<String, String>,
     /// Workers of `psbridge batch` (default 3; `--workers` overrides).
     pub workers: Option<usize>,
-    /// Seconds a command may run before it is stopped (default: no limit; `--timeout` overrides).
-    pub command_timeout_secs: Option<f64>,
-    /// Seconds pwsh may take to start and import the modules (default 60).
-    pub start_timeout_secs: Option<f64>,
-    /// Seconds the connect command may take (default 180).
-    pub connect_timeout_secs: Option<f64>,
+    /// How long a command may run before it is stopped (default: no limit, for ExchangeOnlineManagement
+    /// `exo::COMMAND_TIMEOUT`; `--timeout` overrides).
+    pub command_timeout_secs: Option<Seconds>,
+    /// How long pwsh may take to start and import the modules (default 60 s).
+    pub start_timeout_secs: Option<Seconds>,
+    /// How long the connect command may take (default 180 s).
+    pub connect_timeout_secs: Option<Seconds>,
+    /// How long before an access token's `exp` its worker is replaced by a freshly connected one; a token
+    /// closer to its end than this is refused at connect (default 300 s).
+    pub token_refresh_margin_secs: Option<Seconds>,
+    /// How many times in a row a worker may fail to start or connect before psbridge gives up (default 3).
+    pub connect_attempts: Option<u32>,
     /// How deeply output objects are serialized: deeper ones arrive as their `ToString()` (default:
     /// the library's; `run --depth` overrides).
     pub depth: Option<u32>,
@@ -124,11 +132,12 @@ pub struct CommandSpec {
     pub secrets: BTreeMap<String, Spanned<SecretSpec>>,
 }
 
-/// Where one secret comes from: exactly one of `env`, `file` or `stdin`.
+/// Where one secret comes from: exactly one of `env`, `file`, `stdin` or `command`.
 ///
 /// `as = "securestring"` (the default) hands it to PowerShell as a SecureString, for parameters such as
-/// CertificatePassword; `as = "string"` as a plain string, for parameters such as AccessToken.
-#[derive(Debug, Clone, Deserialize)]
+/// CertificatePassword; `as = "string"` as a plain string, for parameters such as AccessToken;
+/// `as = "certificate"` as a certificate built in the worker's memory from a base64 PFX.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretSpec {
     /// An environment variable holding the secret.
@@ -137,9 +146,58 @@ pub struct SecretSpec {
     pub file: Option<PathBuf>,
     /// `true`: read the secret from standard input (one line; not echoed on a terminal).
     pub stdin: Option<bool>,
-    /// `securestring` (default) or `string`.
+    /// A program and its arguments (no shell), run at each connect: its standard output is the secret.
+    pub command: Option<Vec<String>>,
+    /// With `command`: the program prints a JSON object and the secret is this top-level string field.
+    pub json_field: Option<String>,
+    /// With `command`: how long the program may run before it is killed (default 60 s).
+    pub timeout_secs: Option<Seconds>,
+    /// `securestring` (default), `string` or `certificate`.
     #[serde(rename = "as", default)]
     pub kind: SecretKind,
+}
+
+/// How long a `command` source may run when its `timeout_secs` does not say.
+pub const DEFAULT_PROGRAM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where a secret comes from, as [`SecretSpec::source`] reads it.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// An environment variable.
+    Env(&'a str),
+    /// A private file.
+    File(&'a Path),
+    /// One line of standard input.
+    Stdin,
+    /// A program's standard output.
+    Command(Program<'a>),
+}
+
+/// A program whose standard output is a secret.
+#[derive(Debug, Clone, Copy)]
+pub struct Program<'a> {
+    /// The program and its arguments; never empty (checked when the file is read).
+    pub argv: &'a [String],
+    /// The top-level string field of its JSON output that holds the secret, if it prints JSON.
+    pub json_field: Option<&'a str>,
+    /// How long it may run.
+    pub timeout: Duration,
+}
+
+impl SecretSpec {
+    /// The secret's source (the file was checked to give exactly one).
+    pub fn source(&self) -> Source<'_> {
+        match (&self.env, &self.file, &self.command) {
+            (Some(variable), _, _) => Source::Env(variable),
+            (None, Some(path), _) => Source::File(path),
+            (None, None, Some(argv)) => Source::Command(Program {
+                argv,
+                json_field: self.json_field.as_deref(),
+                timeout: self.timeout_secs.map_or(DEFAULT_PROGRAM_TIMEOUT, |s| s.0),
+            }),
+            (None, None, None) => Source::Stdin,
+        }
+    }
 }
 
 /// How a secret is handed to PowerShell.
@@ -151,6 +209,69 @@ pub enum SecretKind {
     SecureString,
     /// A plain string.
     String,
+    /// An `X509Certificate2` with its private key, from a base64 PFX (the command's
+    /// `CertificatePassword` secret, if any, opens it).
+    Certificate,
+}
+
+/// A duration in the configuration: a number of seconds (`30`, `1.5`) or a text such as `"30s"`, `"5m"`
+/// or `"1h 30m"` (humantime), above 0 and at most a year; anything else is refused when the file is
+/// read, with its line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+/// The forms a duration may take, for messages.
+const DURATION_FORMS: &str = "a number of seconds (30, 1.5) or a duration such as \"30s\", \"5m\" or \"1h 30m\", above 0 and at most a year";
+
+impl Seconds {
+    fn checked<E: de::Error>(duration: Duration, given: impl fmt::Display) -> Result<Seconds, E> {
+        if duration.is_zero() || duration.as_secs_f64() > crate::MAX_SECONDS {
+            Err(E::custom(format!("{given} is out of range: give {DURATION_FORMS}")))
+        } else {
+            Ok(Seconds(duration))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = Seconds;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(DURATION_FORMS)
+            }
+
+            fn visit_i64<E: de::Error>(self, value: i64) -> Result<Seconds, E> {
+                self.visit_f64(value as f64)
+            }
+
+            fn visit_u64<E: de::Error>(self, value: u64) -> Result<Seconds, E> {
+                self.visit_f64(value as f64)
+            }
+
+            fn visit_f64<E: de::Error>(self, value: f64) -> Result<Seconds, E> {
+                match crate::positive_duration(value) {
+                    Some(duration) => Ok(Seconds(duration)),
+                    None => Err(E::custom(format!("{value} is out of range: give {DURATION_FORMS}"))),
+                }
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Seconds, E> {
+                let trimmed = text.trim();
+                // A number in quotes is seconds too, as the plain number would be.
+                if let Ok(value) = trimmed.parse::<f64>() {
+                    return self.visit_f64(value);
+                }
+                match humantime::parse_duration(trimmed) {
+                    Ok(duration) => Seconds::checked(duration, format_args!("{text:?}")),
+                    Err(error) => Err(E::custom(format!("{text:?} is not a duration ({error}): give {DURATION_FORMS}"))),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// Retry policy of the pool (`RetryPolicy`).
@@ -213,67 +334,141 @@ impl Config {
         Ok(config)
     }
 
+    /// Checks every field of every profile, so that a mistake is reported with its line when the file
+    /// is read rather than when a worker starts.
     fn validate(&self) -> Result<(), ConfigError> {
         for (name, profile) in &self.file.profiles {
             if name == SIMULATED {
                 return Err(self.invalid(profile.span(), format!("the profile name `{SIMULATED}` is built in; choose another name")));
             }
-            let commands = [("connect", &profile.get_ref().connect), ("disconnect", &profile.get_ref().disconnect), ("check", &profile.get_ref().check)];
-            for (what, spec) in commands {
-                let Some(spec) = spec else { continue };
-                for (param, secret) in &spec.secrets {
-                    let sources = [secret.get_ref().env.is_some(), secret.get_ref().file.is_some(), secret.get_ref().stdin == Some(true)];
-                    if sources.iter().filter(|s| **s).count() != 1 {
-                        return Err(self.invalid(
-                            secret.span(),
-                            format!(
-                                "profiles.{name}.{what}.secrets.{param}: give exactly one source: \
-                                 {{ env = \"VARIABLE\" }}, {{ file = \"/path\" }} or {{ stdin = true }}"
-                            ),
-                        ));
-                    }
-                    if spec.parameters.contains_key(param) {
-                        return Err(self.invalid(
-                            secret.span(),
-                            format!("profiles.{name}.{what}: {param} is both a parameter and a secret; keep it only under secrets"),
-                        ));
-                    }
+            let spec = profile.get_ref();
+            let start = profile.span().start;
+            let commands = [("connect", &spec.connect), ("disconnect", &spec.disconnect), ("check", &spec.check)];
+            for (what, command) in commands {
+                if let Some(command) = command {
+                    self.validate_command(name, what, command, start)?;
                 }
             }
-            for module in &profile.get_ref().modules {
+            for module in &spec.modules {
+                if module.name().trim().is_empty() {
+                    return Err(self.invalid(profile.span(), format!("profiles.{name}.modules: a module name is empty")));
+                }
                 if let Some(version) = module.minimum_version()
                     && !is_version(version)
                 {
-                    return Err(ConfigError::Invalid {
-                        path: self.path.clone().unwrap_or_default(),
-                        line: self.line_of_text(version, profile.span().start),
-                        message: format!(
+                    return Err(self.invalid_at(
+                        self.line_of_text(version, start),
+                        format!(
                             "profiles.{name}.modules: minimum_version {version:?} of module {} is not a version; \
                              write two to four numbers separated by dots, such as \"3.4.0\"",
                             module.name()
                         ),
-                    });
+                    ));
                 }
             }
-            if profile.get_ref().workers == Some(0) {
-                return Err(self.invalid(profile.span(), format!("profiles.{name}.workers must be at least 1")));
+            if let Some(policy) = &spec.execution_policy
+                && !EXECUTION_POLICIES.iter().any(|known| known.eq_ignore_ascii_case(policy))
+            {
+                return Err(self.invalid_at(
+                    self.line_of_text(policy, start),
+                    format!("profiles.{name}.execution_policy {policy:?} is not an execution policy; use one of {}", EXECUTION_POLICIES.join(", ")),
+                ));
+            }
+            for (variable, value) in &spec.env {
+                if variable.is_empty() || variable.contains(['=', '\0']) || value.contains('\0') {
+                    return Err(self.invalid(
+                        profile.span(),
+                        format!("profiles.{name}.env: {variable:?} cannot be set (a name must be non-empty, without `=` or NUL, and a value without NUL)"),
+                    ));
+                }
+            }
+            let at_least_one = [
+                ("workers", spec.workers.map(|n| n as u64)),
+                ("connect_attempts", spec.connect_attempts.map(u64::from)),
+                ("retry.max_attempts", spec.retry.as_ref().and_then(|r| r.max_attempts).map(u64::from)),
+            ];
+            for (key, value) in at_least_one {
+                if value == Some(0) {
+                    return Err(self.invalid_at(self.line_of_key(key.rsplit('.').next().unwrap_or(key), start), format!("profiles.{name}.{key} must be at least 1")));
+                }
             }
         }
         if let Some(default) = &self.file.default_profile
             && default != SIMULATED
             && !self.file.profiles.contains_key(default)
         {
-            return Err(ConfigError::Invalid {
-                path: self.path.clone().unwrap_or_default(),
-                line: self.line_of("default_profile"),
-                message: format!("default_profile names `{default}`, which is not defined; profiles: {}", self.profile_names()),
-            });
+            return Err(self.invalid_at(
+                self.line_of("default_profile"),
+                format!("default_profile names `{default}`, which is not defined; profiles: {}", self.profile_names()),
+            ));
         }
         Ok(())
     }
 
+    /// A command spec: a valid name and parameters (as the library will check them), and secrets that
+    /// each name one source.
+    fn validate_command(&self, profile: &str, what: &str, spec: &CommandSpec, start: usize) -> Result<(), ConfigError> {
+        let key = format!("profiles.{profile}.{what}");
+        // The secrets take part as placeholders, so that a secret given twice in other case is caught too.
+        let mut probe = psbridge::Command::new(spec.command.as_str()).params(spec.parameters.clone());
+        for name in spec.secrets.keys() {
+            probe = probe.param(name.as_str(), Value::Null);
+        }
+        if let Err(error) = probe.validate() {
+            let reason = match error {
+                psbridge::Error::InvalidCommand { reason } => reason,
+                other => other.to_string(),
+            };
+            return Err(self.invalid_at(self.line_of_text(&spec.command, start), format!("{key}: {reason}")));
+        }
+        let mut certificate: Option<&str> = None;
+        for (param, secret) in &spec.secrets {
+            let at = |message: String| self.invalid(secret.span(), format!("{key}.secrets.{param}: {message}"));
+            let source = secret.get_ref();
+            let sources = [source.env.is_some(), source.file.is_some(), source.stdin == Some(true), source.command.is_some()];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(at("give exactly one source: { env = \"VARIABLE\" }, { file = \"/path\" }, { stdin = true } \
+                               or { command = [\"program\", \"argument\", ...] }"
+                    .to_owned()));
+            }
+            match &source.command {
+                Some(argv) if argv.first().is_none_or(|program| program.trim().is_empty()) => {
+                    return Err(at("command needs the program first, then its arguments: command = [\"az\", \"account\", ...]".to_owned()));
+                }
+                Some(_) if what == "disconnect" => {
+                    return Err(at(
+                        "a command source is run at each connect; the disconnect command is made once, so give its secret \
+                         from env, file or stdin"
+                            .to_owned(),
+                    ));
+                }
+                Some(_) => {}
+                None if source.json_field.is_some() || source.timeout_secs.is_some() => {
+                    return Err(at("json_field and timeout_secs are for a command source (command = [...])".to_owned()));
+                }
+                None => {}
+            }
+            if spec.parameters.keys().any(|p| p.eq_ignore_ascii_case(param)) {
+                return Err(at(format!("{param} is both a parameter and a secret; keep it only under secrets")));
+            }
+            if source.kind == SecretKind::Certificate {
+                if param.eq_ignore_ascii_case("AccessToken") || param.eq_ignore_ascii_case(CERTIFICATE_PASSWORD) {
+                    return Err(at(format!("{param} is not a certificate; use as = \"string\" or \"securestring\"")));
+                }
+                if let Some(first) = certificate {
+                    return Err(at(format!("only one secret may be a certificate, and {first} already is")));
+                }
+                certificate = Some(param);
+            }
+        }
+        Ok(())
+    }
     fn invalid(&self, span: std::ops::Range<usize>, message: String) -> ConfigError {
-        ConfigError::Invalid { path: self.path.clone().unwrap_or_default(), line: self.line_at(span.start), message }
+        self.invalid_at(self.line_at(span.start), message)
+    }
+
+    fn invalid_at(&self, line: usize, message: String) -> ConfigError {
+        ConfigError::Invalid { path: self.path.clone().unwrap_or_default(), line, message }
     }
 
     /// The line (from 1) holding byte `offset` of the file.
@@ -286,6 +481,18 @@ impl Config {
         let quoted = [format!("\"{text}\""), format!("'{text}'")];
         let found = quoted.iter().filter_map(|q| self.text.get(from..)?.find(q.as_str())).min();
         self.line_at(from + found.unwrap_or(0))
+    }
+
+    /// The line of the first `key =` at or after byte `from` (else the line of `from`).
+    fn line_of_key(&self, key: &str, from: usize) -> usize {
+        let rest = self.text.get(from..).unwrap_or_default();
+        let found = rest.lines().scan(0, |offset, line| {
+            let here = *offset;
+            *offset += line.len() + 1;
+            Some((here, line))
+        });
+        let at = found.filter(|(_, line)| line.trim_start().strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('='))).map(|(at, _)| at).next();
+        self.line_at(from + at.unwrap_or(0))
     }
 
     fn line_of(&self, key: &str) -> usize {
@@ -307,6 +514,12 @@ impl Config {
         Some(self.line_at(self.file.profiles.get(name)?.span().start))
     }
 }
+
+/// The parameter whose secret opens a certificate given `as = "certificate"`.
+pub const CERTIFICATE_PASSWORD: &str = "CertificatePassword";
+
+/// PowerShell's execution policies.
+const EXECUTION_POLICIES: &[&str] = &["AllSigned", "Bypass", "Default", "RemoteSigned", "Restricted", "Undefined", "Unrestricted"];
 
 /// Whether `text` is a version as .NET's `System.Version` reads it: two to four numbers separated by
 /// dots, each fitting an `i32`.
@@ -389,5 +602,51 @@ max_attempts = 3
         assert!(error.contains("line 3") && error.contains("minimum_version \"3.x\" of module M is not a version"), "{error}");
         let error = parse("default_profile = \"nope\"\n").unwrap_err().to_string();
         assert!(error.contains("line 1") && error.contains("nope"), "{error}");
+    }
+
+    #[test]
+    fn durations_are_seconds_or_humantime_text_within_a_year() {
+        let timeout = |value: &str| {
+            parse(&format!("[profiles.a]\ncommand_timeout_secs = {value}\n")).map(|c| c.file.profiles["a"].get_ref().command_timeout_secs.unwrap().0)
+        };
+        assert_eq!(timeout("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(timeout("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(timeout("\"45\"").unwrap(), Duration::from_secs(45));
+        assert_eq!(timeout("\"30s\"").unwrap(), Duration::from_secs(30));
+        assert_eq!(timeout("\"5m\"").unwrap(), Duration::from_secs(300));
+        assert_eq!(timeout("\"1h 30m\"").unwrap(), Duration::from_secs(5400));
+        assert_eq!(timeout("\"365d\"").unwrap(), Duration::from_secs(365 * 86400));
+        for bad in ["0", "-1", "\"0s\"", "\"366d\"", "31536001", "\"soon\""] {
+            let error = timeout(bad).unwrap_err().to_string();
+            assert!(error.contains("line 2") && error.contains("command_timeout_secs") && error.contains("at most a year"), "{bad}: {error}");
+        }
+        let error = parse("[profiles.a.connect]\ncommand = \"C\"\nsecrets.T = { command = [\"az\"], timeout_secs = \"never\" }\n").unwrap_err().to_string();
+        assert!(error.contains("line 3") && error.contains("\"never\" is not a duration"), "{error}");
+    }
+
+    #[test]
+    fn every_field_is_checked_when_the_file_is_read() {
+        let cases = [
+            ("[profiles.a]\nexecution_policy = \"RemoteSinged\"\n", "line 2", "is not an execution policy"),
+            ("[profiles.a]\nworkers = 1\nconnect_attempts = 0\n", "line 3", "connect_attempts must be at least 1"),
+            ("[profiles.a.retry]\nmax_attempts = 0\n", "line 2", "retry.max_attempts must be at least 1"),
+            ("[profiles.a]\nenv = { \"A=B\" = \"x\" }\n", "line 1", "cannot be set"),
+            ("[profiles.a.connect]\ncommand = \"\"\n", "line 2", "the command name is empty"),
+            ("[profiles.a.connect]\ncommand = \"C\"\nparameters = { \"Bad-Name\" = 1 }\n", "line 2", "\"Bad-Name\" is not valid"),
+            ("[profiles.a.connect]\ncommand = \"C\"\nsecrets.T = { command = [] }\n", "line 3", "needs the program first"),
+            ("[profiles.a.connect]\ncommand = \"C\"\nsecrets.T = { env = \"T\", json_field = \"x\" }\n", "line 3", "are for a command source"),
+            ("[profiles.a.disconnect]\ncommand = \"C\"\nsecrets.T = { command = [\"az\"] }\n", "line 3", "the disconnect command is made once"),
+            (
+                "[profiles.a.connect]\ncommand = \"C\"\nsecrets.A = { env = \"A\", as = \"certificate\" }\nsecrets.B = { env = \"B\", as = \"certificate\" }\n",
+                "line 4",
+                "only one secret may be a certificate",
+            ),
+            ("[profiles.a.connect]\ncommand = \"C\"\nsecrets.AccessToken = { env = \"A\", as = \"certificate\" }\n", "line 3", "is not a certificate"),
+            ("[profiles.a.connect]\ncommand = \"C\"\nsecrets.Pw = { env = \"A\" }\nsecrets.pw = { env = \"B\" }\n", "line 2", "given twice"),
+        ];
+        for (text, line, wanted) in cases {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(line) && error.contains(wanted), "{text}\n=> {error}");
+        }
     }
 }

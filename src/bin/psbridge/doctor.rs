@@ -1,14 +1,18 @@
 //! `psbridge doctor`: checks, one line each, that a profile can work on this machine, and says how to fix
 //! what cannot.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use clap::Args;
-use psbridge::{Command, InvocationResult, Runspace};
+use psbridge::exo::TokenClaims;
+use psbridge::{Command, InvocationResult, Runspace, SecretString};
+use secrecy::ExposeSecret;
 use serde_json::Value;
 
-use crate::config::{Config, SIMULATED};
+use crate::config::{CERTIFICATE_PASSWORD, Config, SIMULATED, SecretKind, SecretSpec};
+use crate::connector::{self, rfc3339};
 use crate::profile::Profile;
 use crate::secret::{self, SecretReader};
 use crate::exit::CliError;
@@ -16,6 +20,8 @@ use crate::{EXIT_COMMAND_ERRORS, Globals};
 
 /// Days before a certificate expires when doctor starts to warn.
 const EXPIRY_WARNING_DAYS: f64 = 30.0;
+/// Time left on an access token under which doctor warns.
+const TOKEN_WARNING: Duration = Duration::from_secs(15 * 60);
 
 /// Check that a profile can work here: pwsh, modules, certificate, secrets, a test connect and a cheap
 /// command.
@@ -126,13 +132,13 @@ fn configuration(report: &mut Report, globals: &Globals, asked: Option<&str>) ->
 
 async fn check_profile(report: &mut Report, profile: &Profile, offline: bool) {
     let mut secrets = SecretReader::default();
-    let secrets_ok = check_secrets(report, profile, &mut secrets);
+    let (secrets_ok, connect_values) = check_secrets(report, profile, &mut secrets).await;
     let Some(mut runspace) = check_pwsh(report, profile).await else {
         report.line(Status::Skip, "connect", "skipped: pwsh did not start", None);
         return;
     };
     let modules_ok = check_modules(report, profile, &mut runspace).await;
-    let certificate_ok = check_certificate(report, profile, &mut secrets, &mut runspace).await;
+    let certificate_ok = check_certificate(report, profile, &connect_values, &mut runspace).await;
     let _ = runspace.close().await;
     if offline {
         report.line(Status::Skip, "connect", "skipped (--offline)", None);
@@ -143,28 +149,80 @@ async fn check_profile(report: &mut Report, profile: &Profile, offline: bool) {
     }
 }
 
-/// Every secret of the profile can be read from its source.
-fn check_secrets(report: &mut Report, profile: &Profile, secrets: &mut SecretReader) -> bool {
+/// Every secret of the profile can be read from its source (a program is run), and an access token is
+/// a JWT that has not expired. Returns whether all passed, and the connect command's secrets as read.
+async fn check_secrets(report: &mut Report, profile: &Profile, secrets: &mut SecretReader) -> (bool, BTreeMap<String, SecretString>) {
     let mut ok = true;
-    let commands = [&profile.spec.connect, &profile.spec.disconnect, &profile.spec.check];
-    for spec in commands.into_iter().flatten() {
+    let mut connect_values = BTreeMap::new();
+    let commands = [(true, &profile.spec.connect), (false, &profile.spec.disconnect), (false, &profile.spec.check)];
+    for (is_connect, spec) in commands {
+        let Some(spec) = spec else { continue };
         for (name, source) in &spec.secrets {
             let source = source.get_ref();
-            match secrets.read(name, source) {
-                Ok(_) => report.ok("secret", format!("{name} from {}", secret::describe(source))),
+            match secrets.read_any(name, source).await {
+                Ok(value) => {
+                    report.ok("secret", format!("{name} from {}", secret::describe(source)));
+                    if connector::is_access_token(name) {
+                        ok &= check_token(report, name, source, &value);
+                    }
+                    if is_connect {
+                        connect_values.insert(name.clone(), value);
+                    }
+                }
                 Err(error) => {
                     ok = false;
-                    let fix = match source.file {
-                        Some(_) => "make the file hold the secret, readable only by you (chmod 600)",
-                        None if source.env.is_some() => "set the variable in the job's environment (a CI secret), not in the file",
-                        None => "pipe the secret into psbridge's standard input",
+                    let fix = match source.source() {
+                        crate::config::Source::File(_) => "make the file hold the secret, readable only by you (chmod 600)",
+                        crate::config::Source::Env(_) => "set the variable in the job's environment (a CI secret), not in the file",
+                        crate::config::Source::Command(_) => "run the command yourself: it must exit 0 and print the secret on its standard output",
+                        crate::config::Source::Stdin => "pipe the secret into psbridge's standard input",
                     };
                     report.fail("secret", error, fix);
                 }
             }
         }
     }
-    ok
+    (ok, connect_values)
+}
+
+/// An access token's expiry, tenant and audience (never the token): FAIL when it is not a JWT or has
+/// expired, warn when under [`TOKEN_WARNING`] is left.
+fn check_token(report: &mut Report, name: &str, source: &SecretSpec, token: &SecretString) -> bool {
+    let from = secret::describe(source);
+    let fix_fresh = "get a fresh token (a command source, such as az account get-access-token, gets one at every connect)";
+    let claims = match TokenClaims::from_jwt(token.expose_secret()) {
+        Ok(claims) => claims,
+        Err(error) => {
+            report.fail("token", format!("{name} from {from}: {error}"), "give the access token itself: three base64url parts separated by dots");
+            return false;
+        }
+    };
+    let about = format!(
+        "tenant {}, audience {}",
+        claims.tenant_id.as_deref().unwrap_or("(no tid claim)"),
+        claims.audience.as_deref().unwrap_or("(no aud claim)")
+    );
+    let Some(at) = claims.expires_at else {
+        report.line(Status::Warn, "token", format!("{name} from {from}: no exp claim, so its end cannot be known; {about}"), None);
+        return true;
+    };
+    let now = SystemTime::now();
+    match at.duration_since(now) {
+        Err(ago) => {
+            let minutes = ago.duration().as_secs() / 60;
+            report.fail("token", format!("{name} from {from}: expired at {} ({minutes} min ago); {about}", rfc3339(at)), fix_fresh);
+            false
+        }
+        Ok(left) => {
+            let detail = format!("{name} from {from}: expires at {} (in {} min); {about}", rfc3339(at), left.as_secs() / 60);
+            if left < TOKEN_WARNING {
+                report.line(Status::Warn, "token", detail, Some(fix_fresh.to_owned()));
+            } else {
+                report.ok("token", detail);
+            }
+            true
+        }
+    }
 }
 
 /// pwsh is found and starts; returns a bare worker (the profile's module path, no modules).
@@ -177,14 +235,7 @@ async fn check_pwsh(report: &mut Report, profile: &Profile) -> Option<Runspace> 
             return None;
         }
     };
-    let builder = match profile.bare_builder() {
-        Ok(builder) => builder,
-        Err(error) => {
-            report.fail("pwsh", error, "correct the profile");
-            return None;
-        }
-    };
-    match builder.open().await {
+    match profile.bare_builder().open().await {
         Ok(runspace) => {
             let info = runspace.info();
             report.ok("pwsh", format!("{}: PowerShell {} ({}) on {}", path.display(), info.ps_version, info.ps_edition, info.os));
@@ -246,11 +297,26 @@ fn version_less(a: &str, b: &str) -> bool {
     a < b
 }
 
-/// The connect command's certificate, when it names one: the file opens with its password, holds a
-/// private key and is valid now; or the thumbprint is in the user's store.
-async fn check_certificate(report: &mut Report, profile: &Profile, secrets: &mut SecretReader, runspace: &mut Runspace) -> bool {
+/// The connect command's certificate, when it names one: a certificate secret (a base64 PFX) or a
+/// file opens with its password, holds a private key and is valid now; or the thumbprint is in the
+/// user's store. `values` are the connect command's secrets as read by [`check_secrets`].
+async fn check_certificate(report: &mut Report, profile: &Profile, values: &BTreeMap<String, SecretString>, runspace: &mut Runspace) -> bool {
     let Some(connect) = &profile.spec.connect else { return true };
     let parameter = |name: &str| connect.parameters.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v);
+    let password = connect.secrets.iter().find(|(name, _)| name.eq_ignore_ascii_case(CERTIFICATE_PASSWORD));
+    let password_source = password.map(|(name, spec)| format!("{name} ({})", secret::describe(spec.get_ref())));
+    let password_value = || password.and_then(|(name, _)| values.get(name)).cloned();
+    let unreadable = password.is_some_and(|(name, _)| !values.contains_key(name));
+    if let Some((name, spec)) = connect.secrets.iter().find(|(_, spec)| spec.get_ref().kind == SecretKind::Certificate) {
+        let what = format!("{name} from {}", secret::describe(spec.get_ref()));
+        let (Some(pfx), false) = (values.get(name), unreadable) else {
+            report.line(Status::Skip, "certificate", format!("{what}: it or its password could not be read (above)"), None);
+            return false;
+        };
+        // Built in the worker's memory exactly as the connect builds it.
+        let probe = certificate_probe("param($Certificate)", "Describe-Certificate $Certificate").certificate_param("Certificate", pfx.clone(), password_value());
+        return certificate_verdict(report, &what, "certificate", runspace.invoke(&probe).await, password_source);
+    }
     if let Some(Value::String(thumbprint)) = parameter("CertificateThumbprint") {
         let probe = certificate_probe(
             "param([string]$Thumbprint)",
@@ -260,7 +326,7 @@ async fn check_certificate(report: &mut Report, profile: &Profile, secrets: &mut
              finally { $store.Close() }",
         )
         .param("Thumbprint", thumbprint.as_str());
-        return certificate_verdict(report, &format!("thumbprint {thumbprint}"), runspace.invoke(&probe).await, None);
+        return certificate_verdict(report, &format!("thumbprint {thumbprint}"), "certificate", runspace.invoke(&probe).await, None);
     }
     let Some(Value::String(path)) = parameter("CertificateFilePath") else { return true };
     let file = PathBuf::from(path);
@@ -268,24 +334,19 @@ async fn check_certificate(report: &mut Report, profile: &Profile, secrets: &mut
         report.fail("certificate", format!("{}: {error}", file.display()), "point CertificateFilePath at the .pfx file, readable by this user");
         return false;
     }
-    let password = connect.secrets.iter().find(|(name, _)| name.eq_ignore_ascii_case("CertificatePassword"));
+    if unreadable {
+        report.line(Status::Skip, "certificate", format!("{}: its password could not be read (above)", file.display()), None);
+        return false;
+    }
     let mut probe = certificate_probe(
         "param([string]$Path, [securestring]$Password)",
         "Describe-Certificate ([System.Security.Cryptography.X509Certificates.X509Certificate2]::new($Path, $Password))",
     )
     .param("Path", path.as_str());
-    let mut source = None;
-    if let Some((name, spec)) = password {
-        source = Some(format!("{name} ({})", secret::describe(spec.get_ref())));
-        match secrets.read(name, spec.get_ref()) {
-            Ok(value) => probe = probe.secure_param("Password", value),
-            Err(_) => {
-                report.line(Status::Skip, "certificate", format!("{}: its password could not be read (above)", file.display()), None);
-                return false;
-            }
-        }
+    if let Some(value) = password_value() {
+        probe = probe.secure_param("Password", value);
     }
-    certificate_verdict(report, &file.display().to_string(), runspace.invoke(&probe).await, source)
+    certificate_verdict(report, &file.display().to_string(), "file", runspace.invoke(&probe).await, password_source)
 }
 
 /// A script: `param_block`, then a function that turns a certificate into the fields doctor reads,
@@ -304,7 +365,8 @@ fn certificate_probe(param_block: &str, body: &str) -> Command {
     ))
 }
 
-fn certificate_verdict(report: &mut Report, what: &str, outcome: psbridge::Result<InvocationResult>, password: Option<String>) -> bool {
+/// Reports what a certificate probe found; `noun` is what the password opens ("file", "certificate").
+fn certificate_verdict(report: &mut Report, what: &str, noun: &str, outcome: psbridge::Result<InvocationResult>, password: Option<String>) -> bool {
     let result = match outcome {
         Ok(result) => result,
         Err(error) => {
@@ -316,7 +378,7 @@ fn certificate_verdict(report: &mut Report, what: &str, outcome: psbridge::Resul
         let message = result.errors.first().map_or("not found".to_owned(), |e| e.exception_message.clone().unwrap_or_else(|| e.message.clone()));
         let fix = match &password {
             Some(source) if message.to_lowercase().contains("password") => {
-                format!("the password does not open this file: check secret {source}")
+                format!("the password does not open this {noun}: check secret {source}")
             }
             _ if what.starts_with("thumbprint") => "import the certificate into CurrentUser\\My, or use CertificateFilePath".to_owned(),
             _ => "check that the file is a PKCS#12 (.pfx) certificate with its private key".to_owned(),
@@ -344,7 +406,7 @@ fn certificate_verdict(report: &mut Report, what: &str, outcome: psbridge::Resul
 
 /// The real thing: a worker opened and connected as the profile says, then the cheap command.
 async fn check_connect(report: &mut Report, profile: &Profile, secrets: &mut SecretReader) {
-    let (builder, check) = match (profile.builder(secrets), profile.check_command(secrets)) {
+    let (builder, check) = match (profile.builder(secrets), profile.check_command(secrets).await) {
         (Ok(builder), Ok(check)) => (builder, check),
         (Err(error), _) | (_, Err(error)) => {
             report.fail("connect", error, "correct the profile");

@@ -2,6 +2,7 @@
 
 mod batch;
 mod config;
+mod connector;
 mod doctor;
 mod exit;
 mod output;

@@ -1,13 +1,18 @@
 //! Reading a secret from the source a profile names. Values go straight into a `SecretString`; no
 //! message ever contains one, only where it was looked for.
+//!
+//! Environment variables, files and programs are read anew each time they are asked for (a rotated
+//! file or a fresh token is picked up); standard input is read once and kept in memory.
+
+mod program;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use psbridge::SecretString;
-use secrecy::ExposeSecret;
 
-use crate::config::SecretSpec;
+use crate::config::{SecretSpec, Source};
+pub use program::ProgramError;
 
 /// A secret that could not be read. Messages say where it was looked for and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -39,14 +44,48 @@ pub enum SecretError {
         #[source]
         source: std::io::Error,
     },
+    #[error("secret {name}: {source}")]
+    Program {
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "secret {name}: a command source is run at each connect, not for a command made once (the disconnect command); \
+         give this secret from env, file or stdin"
+    )]
+    ProgramNotHere { name: String },
 }
 
-/// Where a secret comes from, in words (for doctor and messages).
+/// Where a secret comes from, in words (for doctor and messages): `environment variable EXO_TOKEN`,
+/// `file /run/secrets/tok`, `command az`, `standard input`.
 pub fn describe(spec: &SecretSpec) -> String {
-    match (&spec.env, &spec.file) {
-        (Some(variable), _) => format!("environment variable {variable}"),
-        (None, Some(path)) => format!("file {}", path.display()),
-        (None, None) => "standard input".to_owned(),
+    match spec.source() {
+        Source::Env(variable) => format!("environment variable {variable}"),
+        Source::File(path) => format!("file {}", path.display()),
+        Source::Command(program) => format!("command {}", program.argv[0]),
+        Source::Stdin => "standard input".to_owned(),
+    }
+}
+
+/// Reads the secret for parameter `name` anew from its environment variable, file or program; a secret
+/// from standard input is `stdin`, the value read once at start-up.
+pub async fn read_fresh(name: &str, spec: &SecretSpec, stdin: Option<&SecretString>) -> Result<SecretString, SecretError> {
+    match spec.source() {
+        Source::Env(variable) => read_env(name, variable),
+        Source::File(path) => read_file(name, path),
+        Source::Command(program) => program::run(&program).await.map_err(|source| SecretError::Program { name: name.to_owned(), source }),
+        Source::Stdin => match stdin {
+            Some(secret) => Ok(secret.clone()),
+            None => Err(SecretError::StdinEmpty { name: name.to_owned() }),
+        },
+    }
+}
+
+fn read_env(name: &str, variable: &str) -> Result<SecretString, SecretError> {
+    match std::env::var(variable) {
+        Ok(value) if !value.is_empty() => Ok(SecretString::from(value)),
+        _ => Err(SecretError::EnvMissing { name: name.to_owned(), variable: variable.to_owned() }),
     }
 }
 
@@ -64,28 +103,51 @@ impl SecretReader {
         SecretReader { stdin_used_by: user, from_stdin: None }
     }
 
-    /// Reads the secret for parameter `name` from its source.
+    /// Checks at start-up that the secret for parameter `name` can be had, so that a missing variable or
+    /// an unreadable file stops psbridge before anything starts: environment variables and files are
+    /// read (and the value dropped), standard input is read and kept ([`stdin_value`](Self::stdin_value)),
+    /// and a program must be found. Programs run only when a worker connects.
+    pub fn check(&mut self, name: &str, spec: &SecretSpec) -> Result<(), SecretError> {
+        match spec.source() {
+            Source::Command(program) => program::find(&program).map_err(|source| SecretError::Program { name: name.to_owned(), source }),
+            _ => self.read(name, spec).map(drop),
+        }
+    }
+
+    /// Reads the secret for parameter `name` from its environment variable, file or standard input
+    /// (read once); a program is not run here ([`SecretError::ProgramNotHere`]): use [`read_fresh`].
     pub fn read(&mut self, name: &str, spec: &SecretSpec) -> Result<SecretString, SecretError> {
-        if let Some(variable) = &spec.env {
-            return match std::env::var(variable) {
-                Ok(value) if !value.is_empty() => Ok(SecretString::from(value)),
-                _ => Err(SecretError::EnvMissing { name: name.to_owned(), variable: variable.clone() }),
-            };
+        match spec.source() {
+            Source::Env(variable) => read_env(name, variable),
+            Source::File(path) => read_file(name, path),
+            Source::Command(_) => Err(SecretError::ProgramNotHere { name: name.to_owned() }),
+            Source::Stdin => self.stdin(name),
         }
-        if let Some(path) = &spec.file {
-            return read_file(name, path);
+    }
+
+    /// Reads the secret for parameter `name` from any source, running a program if it names one.
+    pub async fn read_any(&mut self, name: &str, spec: &SecretSpec) -> Result<SecretString, SecretError> {
+        match spec.source() {
+            Source::Stdin => self.stdin(name),
+            _ => read_fresh(name, spec, None).await,
         }
-        if let Some((read_for, secret)) = &self.from_stdin
-            && read_for == name
-        {
-            return Ok(SecretString::from(secret.expose_secret().to_owned()));
+    }
+
+    /// The value standard input gave for parameter `name`, if it was read.
+    pub fn stdin_value(&self, name: &str) -> Option<&SecretString> {
+        self.from_stdin.as_ref().filter(|(read_for, _)| read_for == name).map(|(_, secret)| secret)
+    }
+
+    fn stdin(&mut self, name: &str) -> Result<SecretString, SecretError> {
+        if let Some(secret) = self.stdin_value(name) {
+            return Ok(secret.clone());
         }
         if let Some(used_by) = &self.stdin_used_by {
             return Err(SecretError::StdinTaken { name: name.to_owned(), used_by: used_by.clone() });
         }
         self.stdin_used_by = Some(format!("secret {name}"));
         let secret = read_stdin(name)?;
-        self.from_stdin = Some((name.to_owned(), SecretString::from(secret.expose_secret().to_owned())));
+        self.from_stdin = Some((name.to_owned(), secret.clone()));
         Ok(secret)
     }
 }
@@ -175,10 +237,11 @@ impl Drop for EchoOff {
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
     use std::os::unix::fs::PermissionsExt;
 
     fn file_spec(path: &Path) -> SecretSpec {
-        SecretSpec { env: None, file: Some(path.to_owned()), stdin: None, kind: Default::default() }
+        SecretSpec { file: Some(path.to_owned()), ..SecretSpec::default() }
     }
 
     #[test]
@@ -196,7 +259,7 @@ mod tests {
 
     #[test]
     fn stdin_can_be_read_only_once() {
-        let spec = SecretSpec { env: None, file: None, stdin: Some(true), kind: Default::default() };
+        let spec = SecretSpec { stdin: Some(true), ..SecretSpec::default() };
         let mut reader = SecretReader::with_stdin_taken(Some("the batch input".into()));
         let error = reader.read("AccessToken", &spec).unwrap_err().to_string();
         assert!(error.contains("the batch input"), "{error}");
