@@ -53,6 +53,7 @@ command = "Disconnect-ExchangeOnline"
 parameters = {{ Confirm = false }}
 
 [profiles.sim.retry]
+max_attempts = 6
 base_delay_ms = 10
 max_delay_ms = 50
 

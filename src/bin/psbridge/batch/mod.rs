@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use psbridge::{Command, InvocationResult, RetryPolicy, RunspaceBuilder, RunspacePool};
+use psbridge::{Command, InvocationResult, PoolBuilder, RunspacePool};
 use tokio::task::{AbortHandle, JoinSet};
 
 use crate::secret::SecretReader;
@@ -261,8 +261,8 @@ struct Batch {
     /// Input entries, estimated, for the progress display.
     total: usize,
     /// The profile's workers, secrets already read (a missing secret stops the batch before it starts).
-    workers_builder: RunspaceBuilder,
-    retry: RetryPolicy,
+    /// The profile's pool: its workers, and its classifier, retries and connect limits.
+    pool: PoolBuilder,
     workers: usize,
     timeout: Option<Duration>,
     depth: Option<u32>,
@@ -329,7 +329,7 @@ impl Batch {
             (Box::<jsonl::Jsonl>::default(), lines_total)
         };
         let mut secrets = SecretReader::with_stdin_taken(stdin_taken.then(|| "the batch input".to_owned()));
-        let workers_builder = profile.builder(&mut secrets).map_err(usage)?;
+        let pool = profile.pool_builder(profile.builder(&mut secrets).map_err(usage)?);
         let input_name = args.input.display().to_string();
         let (journal, previous) = match &journal_path {
             Some(path) => {
@@ -366,8 +366,7 @@ impl Batch {
         Ok(Batch {
             entries: Entries::new(lines, format),
             total,
-            workers_builder,
-            retry: profile.retry(),
+            pool,
             workers,
             timeout: args.timeout,
             depth: args.depth,
@@ -562,10 +561,10 @@ impl Batch {
 
     async fn open_pool(&self, workers: usize) -> Result<RunspacePool, String> {
         // Bounded: connect failures fail every queued item with the cause within seconds (connect_attempts).
-        RunspacePool::builder(self.workers_builder.clone())
+        self.pool
+            .clone()
             .min_workers(workers)
             .max_workers(workers)
-            .retry(self.retry.clone())
             .shutdown_grace(SHUTDOWN_GRACE)
             .build()
             .await
