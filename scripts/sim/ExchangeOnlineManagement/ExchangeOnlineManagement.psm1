@@ -482,16 +482,25 @@ function Connect-ExchangeOnline {
     )
     $ErrorActionPreference = 'Stop'
     $bound = @{} + $PSBoundParameters
+    # The real module starts by looking up a script variable that is normally not set, with
+    # -ErrorAction SilentlyContinue. The suppressed error still lands in $Error and sets the
+    # caller's PowerShell.HadErrors, so even a successful connect reports HadErrors = True with no
+    # error record in the Error stream. Kept on purpose: hosts must not judge by HadErrors alone.
+    $searchOnly = Get-Variable -Name 'EnableSearchOnlySession' -Scope Script -ErrorAction SilentlyContinue
+    $null = $searchOnly
 
     # 1. Parameter validation, before anything is printed. Texts are the real module's; it throws
     #    plain strings, which gives OperationStopped / RuntimeException / id = message.
-    if ($Prefix -and [string]::Equals($Prefix.Trim(), 'EXO', [StringComparison]::OrdinalIgnoreCase)) {
-        throw "Prefix 'EXO' is a reserved Prefix, please use a different prefix."
-    }
-    $uri = $null
-    if ($bound.ContainsKey('ConnectionUri') -and
-        -not ([Uri]::TryCreate($ConnectionUri, [UriKind]::Absolute, [ref]$uri) -and $uri.Scheme -in 'https', 'http')) {
+    if ($ConnectionUri -ne '' -and -not (Test-SimHttpsUri -Text $ConnectionUri)) {
         throw "Invalid ConnectionUri parameter '$ConnectionUri'"
+    }
+    if ($AzureADAuthorizationEndpointUri -ne '' -and -not (Test-SimHttpsUri -Text $AzureADAuthorizationEndpointUri)) {
+        throw "Invalid AzureADAuthorizationEndpointUri parameter '$AzureADAuthorizationEndpointUri'"
+    }
+    if ($Prefix -ne '') {
+        # -notmatch / -eq: case-insensitive, as in the real module.
+        if ($Prefix -notmatch '^[a-z0-9]+$') { throw 'Use of any special characters in the Prefix string is not supported.' }
+        if ($Prefix -eq 'EXO') { throw "Prefix 'EXO' is a reserved Prefix, please use a different prefix." }
     }
     $guid = [Guid]::Empty
     if ($Organization -and [Guid]::TryParse($Organization, [ref]$guid)) {
@@ -502,8 +511,16 @@ function Connect-ExchangeOnline {
         throw 'AppId cannot be null for certificate based connections.'
     }
 
-    # 2. The banner comes before sign-in, so it is printed even when the connect then fails.
+    # 2. The banner comes before sign-in, so it is printed even when the connect then fails. The
+    #    Information record echoes -ConnectionUri as given (a port stays in this text; only the
+    #    connection's ConnectionUri keeps just scheme://host).
     if ($ShowBanner) { Write-SimBanner }
+    if ($ConnectionUri -ne '' -and $AzureADAuthorizationEndpointUri -eq '') {
+        Write-Information "Using ConnectionUri:'$ConnectionUri', in the environment:'$ExchangeEnvironmentName'."
+    }
+    if ($AzureADAuthorizationEndpointUri -ne '' -and $ConnectionUri -eq '') {
+        Write-Information "Using AzureADAuthorizationEndpointUri:'$AzureADAuthorizationEndpointUri', in the environment:'$ExchangeEnvironmentName'."
+    }
 
     # 3. Sign-in.
     $delay = Get-SimEnvNumber -Name 'EXO_SIM_CONNECT_DELAY_MS'
@@ -511,10 +528,8 @@ function Connect-ExchangeOnline {
     $tenant = Get-SimTenant
     $signIn = Get-SimSignIn -Bound $bound -TenantInfo $tenant.Info -Cmdlet $PSCmdlet
 
-    # 4. One connection per prefix: connecting again replaces the previous one (and its commands).
-    foreach ($existing in @(Get-SimConnectionList)) {
-        if ([string]::Equals($existing.ModulePrefix, $Prefix, [StringComparison]::OrdinalIgnoreCase)) { Remove-SimConnection -Connection $existing }
-    }
+    # 4. Connecting again ADDS a connection (ExchangeOnline_2, ...), each with its own tmpEXO_
+    #    module, as the real module does; the newest one serves the Get-EXO* commands.
 
     # 5. The generated module: <temp>/tmpEXO_xxxxxxxx.xxx/tmpEXO_xxxxxxxx.xxx.psm1, imported -Global.
     $basePath = if ($EXOModuleBasePath) { $PSCmdlet.GetUnresolvedProviderPathFromPSPath($EXOModuleBasePath) } else { [IO.Path]::GetTempPath() }
@@ -528,20 +543,20 @@ function Connect-ExchangeOnline {
     [Threading.Monitor]::Enter($store)
     try { $id = $store.NextId; $store.NextId = $id + 1 } finally { [Threading.Monitor]::Exit($store) }
     $connection = @{
-        ConnectionId                    = [Guid]::NewGuid().ToString()
-        Id                              = $id
+        ConnectionId                    = [Guid]::NewGuid()
+        Id                              = [uint32]$id
         Name                            = "ExchangeOnline_$id"
         UserPrincipalName               = $signIn.UserPrincipalName
-        ConnectionUri                   = if ($ConnectionUri) { $ConnectionUri.TrimEnd('/') } else { $script:SimDefaultConnectionUri }
+        ConnectionUri                   = if ($ConnectionUri) { ConvertTo-SimSchemeAndHost -Text $ConnectionUri } else { $script:SimDefaultConnectionUri }
         AzureAdAuthorizationEndpointUri = if ($AzureADAuthorizationEndpointUri) { $AzureADAuthorizationEndpointUri } else { $script:SimDefaultAuthorityUri }
         CertificateAuthentication       = $signIn.CertificateAuthentication
         ModuleName                      = $folder
         ModulePrefix                    = $Prefix
         Organization                    = if ($Organization) { $Organization } else { $tenant.Info.Organization }
-        DelegatedOrganization           = $DelegatedOrganization
-        AppId                           = $signIn.AppId
+        DelegatedOrganization           = if ($DelegatedOrganization) { $DelegatedOrganization } else { $null }
+        AppId                           = if ($signIn.AppId) { $signIn.AppId } else { $null }
         PageSize                        = $PageSize
-        TenantID                        = $tenant.Info.TenantId
+        TenantID                        = $signIn.TenantId
         ConnectionUsedForInbuiltCmdlets = $false
         IsEopSession                    = $false
         ConnectedAtUtc                  = [DateTime]::UtcNow
@@ -565,15 +580,7 @@ function Connect-ExchangeOnline {
         throw
     }
 
-    [Threading.Monitor]::Enter($store)
-    try {
-        $connection.ConnectionUsedForInbuiltCmdlets = -not @($store.Connections | Where-Object { $_.ConnectionUsedForInbuiltCmdlets }).Count
-        $store.Connections.Add($connection)
-        $store.Snapshot = $store.Connections.ToArray()
-    }
-    finally {
-        [Threading.Monitor]::Exit($store)
-    }
+    Add-SimConnection -Connection $connection
 }
 
 function Disconnect-ExchangeOnline {
@@ -602,7 +609,9 @@ function Get-ConnectionInformation {
     <#
     .SYNOPSIS
         SIMULATION of Get-ConnectionInformation: one object per connection of this process, nothing
-        when there is none. State Broken / TokenStatus Expired once the token has expired.
+        when there is none. Once the token has expired the service answers 401 and State shows
+        Broken; TokenStatus shows Expired too, except for -AccessToken connections, which always
+        show Active (and TokenExpiryTimeUTC 9999-12-31), as in the real module.
     #>
     [CmdletBinding()]
     param(
@@ -630,7 +639,7 @@ function Get-ConnectionInformation {
             AppId                           = $connection.AppId
             PageSize                        = $connection.PageSize
             TenantID                        = $connection.TenantID
-            TokenStatus                     = if ($expired) { 'Expired' } else { 'Active' }
+            TokenStatus                     = if ($expired -and $connection.AuthMode -ne 'AccessToken') { 'Expired' } else { 'Active' }
             ConnectionUsedForInbuiltCmdlets = $connection.ConnectionUsedForInbuiltCmdlets
             IsEopSession                    = $connection.IsEopSession
         }
