@@ -67,31 +67,49 @@ foreach ($typeName in $script:SimMailboxTypeName, $script:SimUserTypeName) {
 #region helpers shared by the commands
 
 function Assert-SimConnected {
-    <# Throws the "not connected" error on $Cmdlet when the command's connection does not exist. #>
+    <#
+        The command's connection, or the terminating "not connected" error on $Cmdlet: for
+        Get-EXOMailbox the real RestClientException shape, for the tmpEXO_ functions (whose
+        connection went away) an InvalidOperation error.
+    #>
     [CmdletBinding()]
     param([Parameter(Mandatory)][Management.Automation.PSCmdlet]$Cmdlet, [int]$ConnectionId = 0)
     $connection = Get-SimActiveConnection -ConnectionId $ConnectionId
-    if ($null -eq $connection) { $Cmdlet.ThrowTerminatingError((New-SimNotConnectedError)) }
-    return $connection
+    if ($null -ne $connection) { return $connection }
+    if ($Cmdlet.MyInvocation.MyCommand.Name -eq 'Get-EXOMailbox') {
+        # Thrown on the command's own PSCmdlet so that it ends the command (statement-terminating,
+        # as the real one); the price is the id's suffix: ',Get-EXOMailbox', not the class name.
+        $Cmdlet.ThrowTerminatingError((New-SimRestError -Message $script:SimNotConnectedMessage))
+    }
+    $Cmdlet.ThrowTerminatingError((New-SimNotConnectedError))
 }
 
 function Invoke-SimRequest {
     <#
         What every REST request of a command goes through, in the order a real call meets it:
-        connection, the round trip (EXO_SIM_LATENCY_MS), expired token (401), throttling (429).
+        connection, the round trip (EXO_SIM_LATENCY_MS), then the service's answer: 401 once the
+        token has expired, 429 for the share EXO_SIM_THROTTLE_RATE of calls. Failures go through
+        the module's own retry schedule (Invoke-SimRetrySchedule) and end as a NON-terminating
+        error written on $Cmdlet; then this returns $null and the command skips this request.
         Write commands pass -SkipLatency and apply the latency inside their audited write window.
         (The environment checks are inlined: this runs on every call.)
     #>
     [CmdletBinding()]
     param([Parameter(Mandatory)][Management.Automation.PSCmdlet]$Cmdlet, [int]$ConnectionId = 0, [switch]$SkipLatency)
-    $connection = Get-SimActiveConnection -ConnectionId $ConnectionId
-    if ($null -eq $connection) { $Cmdlet.ThrowTerminatingError((New-SimNotConnectedError)) }
+    $connection = Assert-SimConnected -Cmdlet $Cmdlet -ConnectionId $ConnectionId
     if (-not $SkipLatency -and $env:EXO_SIM_LATENCY_MS) { Invoke-SimLatency }
-    if (($env:EXO_SIM_TOKEN_LIFETIME_S -or $null -ne $connection.TokenClaimExpiryUtc) -and (Test-SimTokenExpired -Connection $connection)) {
-        $Cmdlet.ThrowTerminatingError((New-SimRestError -Message $script:SimExpiredTokenMessage -StatusCode 401))
+    $canExpire = $env:EXO_SIM_TOKEN_LIFETIME_S -or $null -ne $connection.TokenClaimExpiryUtc
+    $staysThrottled = $env:EXO_SIM_THROTTLE_RATE -and (Test-SimThrottled)
+    if (-not $staysThrottled -and -not ($canExpire -and (Test-SimTokenExpired -Connection $connection))) { return $connection }
+    # The attempt runs in Invoke-SimRetrySchedule's scope, a child of this one (dynamic scoping),
+    # so it sees $canExpire, $staysThrottled and $connection. The token may expire mid-schedule.
+    $finalStatus = Invoke-SimRetrySchedule -Attempt {
+        if ($canExpire -and (Test-SimTokenExpired -Connection $connection)) { 401 } elseif ($staysThrottled) { 429 } else { 0 }
     }
-    if ($env:EXO_SIM_THROTTLE_RATE -and (Test-SimThrottled)) { Invoke-SimThrottleFailure -Cmdlet $Cmdlet }
-    return $connection
+    if ($finalStatus -eq 0) { return $connection }
+    $body = if ($finalStatus -eq 401) { $script:SimExpiredTokenBody } else { $script:SimThrottleBody }
+    Write-SimRestError -Cmdlet $Cmdlet -ErrorRecord (New-SimHttpError -StatusCode $finalStatus -Body $body)
+    return $null
 }
 
 function ConvertTo-SimResultSize {
@@ -127,6 +145,21 @@ function ConvertTo-SimFilterTree {
         $message = 'Cannot bind parameter ''Filter'' to the target. Exception setting "Filter": "{0}"' -f $_.Exception.Message
         $Cmdlet.ThrowTerminatingError((New-SimErrorRecord -Exception ([ArgumentException]::new($message)) `
                     -ErrorId 'ParameterBindingFailed' -Category InvalidArgument -Reason 'ParameterBindingException' -TargetObject $Filter))
+    }
+}
+
+function Get-SimInvalidExoProperty {
+    <#
+        The -Properties of Get-EXOMailbox that the Mailbox entity does not have, in the order asked
+        (the real module refuses them all at once). The simulation knows only the properties it
+        stores, so a real property it does not model is refused too.
+    #>
+    [CmdletBinding()]
+    [OutputType([string[]])]
+    param([string[]]$Properties)
+    $known = [Collections.Generic.HashSet[string]]::new([string[]]$script:SimMailboxProperties, [StringComparer]::OrdinalIgnoreCase)
+    foreach ($name in $Properties) {
+        if ($name -and -not $known.Contains($name.Trim())) { $name.Trim() }
     }
 }
 
@@ -341,6 +374,13 @@ function Write-SimIdentityResult {
         }
     }
     if ($emitted -eq 0) {
+        if ($Shape -eq 'ExoMailbox') {
+            # The compiled Get-EXOMailbox: the service's 404, in the module's REST error text.
+            $text = "Error executing request. The operation couldn't be performed because object '{0}' couldn't be found on '{1}'." -f $Identity, $Tenant.Info.DomainController
+            $body = ConvertTo-SimJson -InputObject ([ordered]@{ error = [ordered]@{ code = 'NotFound'; message = $text } })
+            Microsoft.Exchange.Management.RestApiClient.GetExoMailbox -ErrorRecord (New-SimHttpError -StatusCode 404 -Body $body)
+            return
+        }
         Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $Tenant.Info -Identity $Identity -Activity $Activity)
     }
 }
@@ -691,10 +731,14 @@ function Get-EXOMailbox {
         if ($PSBoundParameters.ContainsKey('ResultSize')) { $limit = ConvertTo-SimResultSize -Cmdlet $PSCmdlet -ResultSize $ResultSize }
         $filterTree = $null
         if ($Filter) { $filterTree = ConvertTo-SimFilterTree -Cmdlet $PSCmdlet -Filter $Filter }
+        $invalid = @(Get-SimInvalidExoProperty -Properties $Properties)
+        if ($invalid.Count -gt 0) {
+            $PSCmdlet.ThrowTerminatingError((New-SimRestError -Message ('Some of requested properties are not valid. InvalidProperties = {0}' -f ($invalid -join ','))))
+        }
         $propertyList = Get-SimExoPropertyList -Properties $Properties -PropertySets $PropertySets
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet)) { return }
         $tenant = Get-SimTenant
         $key = switch ($PSCmdlet.ParameterSetName) {
             'ExternalDirectoryObjectId' { $ExternalDirectoryObjectId.ToString() }
@@ -752,7 +796,7 @@ function Get-Mailbox {
         if ($Filter) { $filterTree = ConvertTo-SimFilterTree -Cmdlet $PSCmdlet -Filter $Filter }
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId)) { return }
         $tenant = Get-SimTenant
         if ($InactiveMailboxOnly) { return }    # the simulated tenant has no inactive mailboxes
         if ($PSCmdlet.ParameterSetName -eq 'Identity' -and -not [string]::IsNullOrWhiteSpace($Identity) -and -not $Identity.Contains('*')) {
@@ -792,7 +836,7 @@ function Get-User {
         if ($Filter) { $filterTree = ConvertTo-SimFilterTree -Cmdlet $PSCmdlet -Filter $Filter }
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId)) { return }
         $tenant = Get-SimTenant
         if ($PSCmdlet.ParameterSetName -eq 'Identity' -and -not [string]::IsNullOrWhiteSpace($Identity) -and -not $Identity.Contains('*')) {
             Write-SimIdentityResult -Tenant $tenant -Identity $Identity -Shape User -RecipientTypeDetails $RecipientTypeDetails -Activity 'Get-User'
@@ -852,7 +896,7 @@ function Set-Mailbox {
         }
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency)) { return }
         $tenant = Get-SimTenant
         $target = Find-SimMailboxForWrite -Tenant $tenant -Identity $Identity
         if ($null -eq $target) { return }
@@ -932,7 +976,7 @@ function New-Mailbox {
         if ($env:EXO_SIM_NOISE) { Invoke-SimNoise -CommandName $MyInvocation.MyCommand.Name }
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency)) { return }
         $tenant = Get-SimTenant
         $info = $tenant.Info
         $Name = $Name.Trim()
@@ -1044,7 +1088,7 @@ function Remove-Mailbox {
         if ($env:EXO_SIM_NOISE) { Invoke-SimNoise -CommandName $MyInvocation.MyCommand.Name }
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency)) { return }
         $tenant = Get-SimTenant
         $target = Find-SimMailboxForWrite -Tenant $tenant -Identity $Identity
         if ($null -eq $target) { return }
