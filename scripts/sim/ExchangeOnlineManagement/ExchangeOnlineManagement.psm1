@@ -7,7 +7,7 @@
 # As in the real module:
 #   * Connect-ExchangeOnline, Disconnect-ExchangeOnline, Get-ConnectionInformation and Get-EXOMailbox
 #     belong to this module;
-#   * Get-Mailbox, Set-Mailbox, New-Mailbox, Remove-Mailbox and Get-User exist only after a connect:
+#   * Get-Mailbox, Set-Mailbox, New-Mailbox, Remove-Mailbox, Get-User and Set-User exist only after a connect:
 #     they are functions of a generated tmpEXO_xxxxxxxx.xxx module (thin wrappers; the functions of
 #     the same names below, which this module does not export, do the work).
 # Error shapes and fault-injection variables: Private/SimFaults.ps1. Storage: Private/SimStore.ps1.
@@ -28,10 +28,14 @@ $script:SimConnectionTypeName = 'Microsoft.Exchange.Management.ExoPowershellSnap
 $script:SimTruncationWarning = 'There are more results available than are currently displayed. To view them, increase the value for the ResultSize parameter.'
 $script:SimRecipientTypes = @('DiscoveryMailbox', 'EquipmentMailbox', 'GroupMailbox', 'LegacyMailbox', 'LinkedMailbox',
     'LinkedRoomMailbox', 'RoomMailbox', 'SchedulingMailbox', 'SharedMailbox', 'TeamMailbox', 'UserMailbox')
-# Stored properties in output order (FirstName/LastName are stored for Get-User only).
+# Mailbox properties in output order. A stored record also holds the USER properties below: in
+# Exchange, Department, City, FirstName and LastName belong to the user (Get-User / Set-User); the
+# Mailbox objects of Get-Mailbox and Get-EXOMailbox do not carry them (the REST Mailbox entity has
+# no Department or City). Office is a mailbox property.
+$script:SimUserOnlyProperties = @('FirstName', 'LastName', 'Department', 'City')
 $script:SimMailboxProperties = @('Identity', 'Id', 'Name', 'Alias', 'DisplayName', 'PrimarySmtpAddress', 'UserPrincipalName',
     'EmailAddresses', 'RecipientType', 'RecipientTypeDetails', 'Guid', 'ExchangeGuid', 'ExternalDirectoryObjectId',
-    'DistinguishedName', 'OrganizationId', 'ExchangeVersion', 'Department', 'Office', 'City', 'CustomAttribute1',
+    'DistinguishedName', 'OrganizationId', 'ExchangeVersion', 'Office', 'CustomAttribute1',
     'CustomAttribute2', 'CustomAttribute3', 'CustomAttribute4', 'CustomAttribute5', 'HiddenFromAddressListsEnabled',
     'IsMailboxEnabled', 'IsInactiveMailbox', 'IsSoftDeletedByRemove', 'WhenSoftDeleted', 'ArchiveStatus',
     'ProhibitSendQuota', 'ProhibitSendReceiveQuota', 'IssueWarningQuota', 'WhenCreated', 'WhenChanged')
@@ -172,9 +176,8 @@ function Get-SimExoPropertyList {
     foreach ($name in $script:SimExoMinimumProperties) { $null = $wanted.Add($name) }
     foreach ($set in @($PropertySets)) { if ($set) { foreach ($name in $script:SimExoPropertySets[$set]) { $null = $wanted.Add($name) } } }
     foreach ($name in @($Properties)) { if ($name) { $null = $wanted.Add($name.Trim()) } }
-    # FirstName/LastName are stored too (not part of Get-Mailbox output, but selectable here).
     $list = [Collections.Generic.List[string]]::new()
-    foreach ($name in $script:SimMailboxProperties + @('FirstName', 'LastName')) { if ($wanted.Contains($name)) { $list.Add($name) } }
+    foreach ($name in $script:SimMailboxProperties) { if ($wanted.Contains($name)) { $list.Add($name) } }
     return , $list.ToArray()
 }
 
@@ -190,8 +193,7 @@ function ConvertTo-SimShape {
     param([Parameter(Mandatory)]$Record, [Parameter(Mandatory)][string]$Shape, [string[]]$Properties)
     if ($Shape -eq 'Mailbox') {
         $all = $Record.PSObject.Properties
-        $all.Remove('FirstName')
-        $all.Remove('LastName')
+        foreach ($name in $script:SimUserOnlyProperties) { $all.Remove($name) }
         $Record.PSTypeNames.Insert(0, $script:SimMailboxTypeName)
         return $Record
     }
@@ -293,8 +295,8 @@ function Invoke-SimMailboxQuery {
         }
         $emitted++
         if ($Shape -eq 'Mailbox') {
-            $record.PSObject.Properties.Remove('FirstName')
-            $record.PSObject.Properties.Remove('LastName')
+            $all = $record.PSObject.Properties
+            foreach ($name in $script:SimUserOnlyProperties) { $all.Remove($name) }
             $record.PSTypeNames.Insert(0, $script:SimMailboxTypeName)
             $record
         }
@@ -323,19 +325,20 @@ function Invoke-SimMailboxQuery {
 
 function Find-SimMailboxForWrite {
     <#
-        Resolves -Identity for Set-/Remove-Mailbox: exactly one mailbox, or $null after writing the
-        non-terminating not-found / ambiguous error.
+        Resolves -Identity for Set-Mailbox, Set-User and Remove-Mailbox: exactly one mailbox, or $null
+        after writing the non-terminating not-found / ambiguous error ($Activity: the server-side
+        command named in its CategoryInfo).
     #>
     [CmdletBinding()]
-    param([Parameter(Mandatory)]$Tenant, [Parameter(Mandatory)][string]$Identity)
+    param([Parameter(Mandatory)]$Tenant, [Parameter(Mandatory)][string]$Identity, [string]$Activity = 'Get-Recipient')
     Invoke-SimLookupFault -Identity $Identity
     $found = Resolve-SimMailbox -Layout $Tenant.Layout -Identity $Identity
     if ($found.Count -eq 0) {
-        Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $Tenant.Info -Identity $Identity)
+        Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $Tenant.Info -Identity $Identity -Activity $Activity)
         return $null
     }
     if ($found.Count -gt 1) {
-        Write-ErrorMessage -ErrorRecord (New-SimAmbiguousError -TenantInfo $Tenant.Info -Identity $Identity)
+        Write-ErrorMessage -ErrorRecord (New-SimAmbiguousError -TenantInfo $Tenant.Info -Identity $Identity -Activity $Activity)
         return $null
     }
     Invoke-SimLookupFault -Identity $found[0].Alias
@@ -364,8 +367,8 @@ function Write-SimIdentityResult {
         $emitted++
         if ($Shape -eq 'Mailbox') {
             # ConvertTo-SimShape -Shape Mailbox, inlined (hot path).
-            $record.PSObject.Properties.Remove('FirstName')
-            $record.PSObject.Properties.Remove('LastName')
+            $all = $record.PSObject.Properties
+            foreach ($name in $script:SimUserOnlyProperties) { $all.Remove($name) }
             $record.PSTypeNames.Insert(0, $script:SimMailboxTypeName)
             $record
         }
@@ -855,9 +858,7 @@ function Set-Mailbox {
         [Parameter(Mandatory, Position = 0, ValueFromPipeline, ValueFromPipelineByPropertyName)]
         [string]$Identity,
         [string]$DisplayName,
-        [string]$Department,
         [string]$Office,
-        [string]$City,
         [AllowEmptyString()][string]$CustomAttribute1,
         [AllowEmptyString()][string]$CustomAttribute2,
         [AllowEmptyString()][string]$CustomAttribute3,
@@ -875,7 +876,7 @@ function Set-Mailbox {
         if ($env:EXO_SIM_NOISE) { Invoke-SimNoise -CommandName $MyInvocation.MyCommand.Name }
         # The requested changes, validated once for the whole pipeline.
         $changes = [ordered]@{}
-        foreach ($name in 'DisplayName', 'Department', 'Office', 'City', 'CustomAttribute1', 'CustomAttribute2',
+        foreach ($name in 'DisplayName', 'Office', 'CustomAttribute1', 'CustomAttribute2',
             'CustomAttribute3', 'CustomAttribute4', 'CustomAttribute5', 'HiddenFromAddressListsEnabled') {
             if ($PSBoundParameters.ContainsKey($name)) { $changes[$name] = $PSBoundParameters[$name] }
         }
@@ -915,12 +916,7 @@ function Set-Mailbox {
                 Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $tenant.Info -Identity $Identity)
                 return
             }
-            foreach ($name in $changes.Keys) {
-                if (-not [string]::Equals([string]$current.$name, [string]$changes[$name], [StringComparison]::Ordinal)) {
-                    $current.$name = $changes[$name]
-                    $changed = $true
-                }
-            }
+            $changed = Set-SimRecordProperty -Record $current -Changes $changes
             if ($PSBoundParameters.ContainsKey('EmailAddresses')) {
                 $addresses = Merge-SimEmailAddress -Current @($current.EmailAddresses) -Change $EmailAddresses
                 if ($null -eq $addresses) {
@@ -949,6 +945,89 @@ function Set-Mailbox {
     }
 }
 
+function Set-User {
+    <#
+        The user side of a mailbox: Department, City, FirstName, LastName (what Get-User shows). Same
+        write path as Set-Mailbox: one mailbox lock, an audit line per completed write, the real
+        no-change warning. (The -WhatIf text 'Setting user "<Identity>".' is a guess.)
+    #>
+    [CmdletBinding(SupportsShouldProcess, ConfirmImpact = 'Medium')]
+    param(
+        [Parameter(Mandatory, Position = 0, ValueFromPipeline, ValueFromPipelineByPropertyName)]
+        [string]$Identity,
+        [AllowEmptyString()][string]$Department,
+        [AllowEmptyString()][string]$City,
+        [AllowEmptyString()][string]$FirstName,
+        [AllowEmptyString()][string]$LastName,
+        [Parameter(DontShow)]
+        [int]$ExoSimConnectionId
+    )
+    begin {
+        $null = Assert-SimConnected -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId
+        if ($env:EXO_SIM_NOISE) { Invoke-SimNoise -CommandName $MyInvocation.MyCommand.Name }
+        $changes = [ordered]@{}
+        foreach ($name in 'Department', 'City', 'FirstName', 'LastName') {
+            if ($PSBoundParameters.ContainsKey($name)) { $changes[$name] = $PSBoundParameters[$name] }
+        }
+    }
+    process {
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency)) { return }
+        $tenant = Get-SimTenant
+        $target = Find-SimMailboxForWrite -Tenant $tenant -Identity $Identity -Activity 'Set-User'
+        if ($null -eq $target) { return }
+        $description = 'Setting user "{0}".' -f $target.Identity
+        if (-not $PSCmdlet.ShouldProcess($description, "Are you sure you want to perform this action?`n$description", 'Confirm')) { return }
+
+        $start = [DateTime]::UtcNow
+        Invoke-SimLatency
+        $file = Get-SimMailboxFile -Layout $tenant.Layout -Alias $target.Alias
+        $changed = $false
+        $lock = Enter-SimFileLock -Path ([IO.Path]::Combine($tenant.Layout.Locks, $target.Alias.ToLowerInvariant() + '.lock'))
+        try {
+            $current = Read-SimMailboxFile -File $file
+            if ($null -eq $current) {
+                Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $tenant.Info -Identity $Identity -Activity 'Set-User')
+                return
+            }
+            $changed = Set-SimRecordProperty -Record $current -Changes $changes
+            if ($changed) {
+                $current.WhenChanged = [DateTime]::UtcNow
+                Write-SimFileAtomic -Path $file -Text (ConvertTo-SimJson -InputObject $current)
+            }
+        }
+        finally {
+            $lock.Dispose()
+        }
+        Add-SimAuditEntry -Layout $tenant.Layout -Cmdlet 'Set-User' -Identity $Identity -Start $start -End ([DateTime]::UtcNow)
+        if (-not $changed) {
+            Write-Warning ("The command completed successfully but no settings of '{0}' have been modified." -f $current.Identity)
+        }
+    }
+}
+
+function Set-SimRecordProperty {
+    <#
+        Applies $Changes (name -> value) to a stored record; returns whether anything changed
+        (ordinal string comparison). A property missing from an older record is added.
+    #>
+    [CmdletBinding()]
+    [OutputType([bool])]
+    param([Parameter(Mandatory)]$Record, [Parameter(Mandatory)][Collections.IDictionary]$Changes)
+    $changed = $false
+    foreach ($name in $Changes.Keys) {
+        $property = $Record.PSObject.Properties[$name]
+        if ($null -eq $property) {
+            $Record | Add-Member -NotePropertyName $name -NotePropertyValue $Changes[$name]
+            $changed = $true
+        }
+        elseif (-not [string]::Equals([string]$property.Value, [string]$Changes[$name], [StringComparison]::Ordinal)) {
+            $property.Value = $Changes[$name]
+            $changed = $true
+        }
+    }
+    return $changed
+}
+
 function New-Mailbox {
     [CmdletBinding(SupportsShouldProcess, ConfirmImpact = 'Medium', DefaultParameterSetName = 'User')]
     param(
@@ -967,7 +1046,6 @@ function New-Mailbox {
         [switch]$Room,
         [string]$FirstName,
         [string]$LastName,
-        [string]$Department,
         [Parameter(DontShow)]
         [int]$ExoSimConnectionId
     )
@@ -1044,7 +1122,7 @@ function New-Mailbox {
                 $spec = @{
                     Alias = $newAlias; Name = $Name; RecipientTypeDetails = $type
                     DisplayName = if ($DisplayName) { $DisplayName } else { $Name }
-                    FirstName = $FirstName; LastName = $LastName; Department = $Department
+                    FirstName = $FirstName; LastName = $LastName
                     UserPrincipalName = if ($MicrosoftOnlineServicesID) { $MicrosoftOnlineServicesID } else { "$newAlias@$($info.Organization)" }
                     PrimarySmtpAddress = if ($PrimarySmtpAddress) { $PrimarySmtpAddress } else { "$newAlias@$($info.Organization)" }
                 }

@@ -11,7 +11,7 @@ Set-StrictMode -Version Latest
 
 $script:SimConnectionSlot = 'psbridge.ExchangeOnlineManagementSimulation.Connections'
 $script:SimConnectionStore = $null
-$script:SimRestCommandNames = @('Get-Mailbox', 'Set-Mailbox', 'New-Mailbox', 'Remove-Mailbox', 'Get-User')
+$script:SimRestCommandNames = @('Get-Mailbox', 'Set-Mailbox', 'New-Mailbox', 'Remove-Mailbox', 'Get-User', 'Set-User')
 $script:SimDefaultConnectionUri = 'https://outlook.office365.com'
 $script:SimDefaultAuthorityUri = 'https://login.microsoftonline.com/organizations'
 $script:SimAccessTokenExpiry = [DateTimeOffset]::new(9999, 12, 31, 23, 59, 59, [TimeSpan]::Zero)
