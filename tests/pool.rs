@@ -179,7 +179,7 @@ async fn submitted_commands_keep_their_order_wherever_awaited_and_a_dropped_one_
 #[tokio::test]
 async fn a_throttling_storm_ends_with_every_idempotent_command_succeeding() {
     let tenant = tempfile::tempdir().unwrap();
-    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_THROTTLE_RATE", "0.3"))
+    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_THROTTLE_RATE", "0.3").env("EXO_SIM_RETRY_SCALE", "0.001"))
         .min_workers(3)
         .max_workers(3)
         .retry(RetryPolicy::default().max_attempts(15).base_delay(Duration::from_millis(5)).max_delay(Duration::from_millis(20)))
@@ -209,7 +209,7 @@ async fn permanent_errors_are_never_retried() {
 #[tokio::test]
 async fn token_expiry_triggers_reconnects_and_no_failures() {
     let tenant = tempfile::tempdir().unwrap();
-    let pool = pool(tenant.path(), 2, |b| b.env("EXO_SIM_TOKEN_LIFETIME_S", "2")).await;
+    let pool = pool(tenant.path(), 2, |b| b.env("EXO_SIM_TOKEN_LIFETIME_S", "2").env("EXO_SIM_RETRY_SCALE", "0.001")).await;
     for round in 0..7 {
         let results = join_all((0..6).map(|i| pool.invoke(get(&user(round * 6 + i))))).await;
         for result in results {
@@ -458,7 +458,7 @@ async fn sigterm_leaves_no_worker_behind() {
 #[tokio::test]
 async fn an_idle_worker_whose_session_broke_is_reconnected_by_the_health_check() {
     let tenant = tempfile::tempdir().unwrap();
-    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_TOKEN_LIFETIME_S", "1"))
+    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_TOKEN_LIFETIME_S", "1").env("EXO_SIM_RETRY_SCALE", "0.001"))
         .min_workers(1)
         .max_workers(1)
         .health_check_after(Duration::ZERO)
