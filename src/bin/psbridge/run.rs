@@ -20,9 +20,9 @@ use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_US
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     psbridge run --simulated Get-Mailbox --params '{\"Identity\": \"ContosoUser1\"}'\n  \
-    psbridge run --profile contoso Get-Mailbox --params '{\"ResultSize\": 50}' --select Alias,Department --format csv > mailboxes.csv\n  \
+    psbridge run --profile contoso Get-Mailbox --params '{\"ResultSize\": 50}' --select Alias,Office --format csv > mailboxes.csv\n  \
     psbridge run --simulated Get-Mailbox --params '{\"ResultSize\": 5}' --format table\n  \
-    psbridge run --simulated Set-Mailbox --params '{\"Identity\": \"ContosoUser1\", \"Department\": \"Sales\", \"WhatIf\": true}' --envelope\n  \
+    psbridge run --simulated Set-Mailbox --params '{\"Identity\": \"ContosoUser1\", \"Office\": \"Building 7\", \"WhatIf\": true}' --envelope\n  \
     psbridge run --script 'param($Name) \"Hello, $Name\"' --params '{\"Name\": \"world\"}'\n  \
     psbridge run --module Microsoft.PowerShell.Archive Get-Command --params '{\"Module\": \"Microsoft.PowerShell.Archive\"}' --format jsonl")]
 pub struct RunArgs {
