@@ -63,6 +63,7 @@ fn two_thousand_items_with_crashes_and_throttling_each_get_exactly_one_result() 
         .args(["batch", &input, "--workers", "3", "--output", output.to_str().unwrap(), "--progress-interval", "2"])
         .env("EXO_SIM_CRASH_ON", "CrashMe")
         .env("EXO_SIM_THROTTLE_RATE", "0.05")
+        .env("EXO_SIM_RETRY_SCALE", "0.001")
         .output()
         .unwrap();
     let stderr = text(&run.stderr);
@@ -171,10 +172,10 @@ fn csv_rows_run_one_command_and_same_key_rows_keep_their_order() {
     let env = CliEnv::new("");
     let input = env.path("offices.csv");
     // Three changes to each of three mailboxes, interleaved; with the key, the last one must win.
-    let mut rows = String::from("Identity,Office,Department\n");
+    let mut rows = String::from("Identity,Office,CustomAttribute1\n");
     for round in 1..=3 {
         for user in 1..=3 {
-            rows += &format!("ContosoUser{user},Office {round},Dept {user}\n");
+            rows += &format!("ContosoUser{user},Office {round},Attr {user}\n");
         }
     }
     rows += "ContosoUser9,Lonely\n";
@@ -187,12 +188,12 @@ fn csv_rows_run_one_command_and_same_key_rows_keep_their_order() {
     let lines = by_line(&results);
     assert_eq!(lines.len(), 10);
     assert_eq!(lines[&11]["status"], "invalid");
-    assert!(lines[&11]["errors"][0]["message"].as_str().unwrap().starts_with("line 11: 2 fields for 3 columns; missing Department"), "{}", lines[&11]);
+    assert!(lines[&11]["errors"][0]["message"].as_str().unwrap().starts_with("line 11: 2 fields for 3 columns; missing CustomAttribute1"), "{}", lines[&11]);
     assert!(lines.iter().filter(|(l, _)| **l != 11).all(|(_, r)| r["status"] == "succeeded" && r["key"].as_str().unwrap().starts_with("ContosoUser")));
     for user in 1..=3 {
-        let mailbox = env.run(&["run", "Get-Mailbox", "--params", &format!(r#"{{"Identity": "ContosoUser{user}"}}"#), "--select", "Office,Department"]);
+        let mailbox = env.run(&["run", "Get-Mailbox", "--params", &format!(r#"{{"Identity": "ContosoUser{user}"}}"#), "--select", "Office,CustomAttribute1"]);
         let mailbox: Value = serde_json::from_slice(&mailbox.stdout).unwrap();
-        assert_eq!(mailbox[0], json!({ "Office": "Office 3", "Department": format!("Dept {user}") }));
+        assert_eq!(mailbox[0], json!({ "Office": "Office 3", "CustomAttribute1": format!("Attr {user}") }));
     }
     assert!(stderr.contains("9 succeeded, 1 failed (1 invalid)"), "{stderr}");
 }

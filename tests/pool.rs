@@ -185,7 +185,7 @@ async fn submitted_commands_keep_their_order_wherever_awaited_and_a_dropped_one_
 #[tokio::test]
 async fn a_throttling_storm_ends_with_every_idempotent_command_succeeding() {
     let tenant = tempfile::tempdir().unwrap();
-    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_THROTTLE_RATE", "0.3"))
+    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_THROTTLE_RATE", "0.3").env("EXO_SIM_RETRY_SCALE", "0.001"))
         .classifier(exo::ExchangeOnline)
         .min_workers(3)
         .max_workers(3)
@@ -216,7 +216,7 @@ async fn permanent_errors_are_never_retried() {
 #[tokio::test]
 async fn token_expiry_replaces_workers_and_nothing_fails() {
     let tenant = tempfile::tempdir().unwrap();
-    let pool = pool(tenant.path(), 2, |b| b.env("EXO_SIM_TOKEN_LIFETIME_S", "2")).await;
+    let pool = pool(tenant.path(), 2, |b| b.env("EXO_SIM_TOKEN_LIFETIME_S", "2").env("EXO_SIM_RETRY_SCALE", "0.001")).await;
     for round in 0..7 {
         let results = join_all((0..6).map(|i| pool.invoke(get(&user(round * 6 + i))))).await;
         for result in results {
@@ -465,7 +465,7 @@ async fn sigterm_leaves_no_worker_behind() {
 #[tokio::test]
 async fn an_idle_worker_whose_session_broke_is_reconnected_by_the_health_check() {
     let tenant = tempfile::tempdir().unwrap();
-    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_TOKEN_LIFETIME_S", "1"))
+    let pool = RunspacePool::builder(common::sim_builder(tenant.path()).env("EXO_SIM_TOKEN_LIFETIME_S", "1").env("EXO_SIM_RETRY_SCALE", "0.001"))
         .min_workers(1)
         .max_workers(1)
         .classifier(exo::ExchangeOnline)
@@ -534,7 +534,7 @@ fn counting(tenant: &Path, fail_from: usize, lifetime: Option<Duration>) -> (Run
 async fn an_expired_token_means_a_fresh_process_with_credentials_read_again() {
     let tenant = tempfile::tempdir().unwrap();
     let (builder, calls) = counting(tenant.path(), usize::MAX, None);
-    let pool = RunspacePool::builder(builder.env("EXO_SIM_TOKEN_LIFETIME_S", "1"))
+    let pool = RunspacePool::builder(builder.env("EXO_SIM_TOKEN_LIFETIME_S", "1").env("EXO_SIM_RETRY_SCALE", "0.001"))
         .classifier(exo::ExchangeOnline)
         .min_workers(1)
         .max_workers(1)
@@ -585,7 +585,7 @@ async fn credentials_that_stop_working_fail_every_queued_command_within_seconds(
     let tenant = tempfile::tempdir().unwrap();
     // The first connect works; every later one fails, as when a token source starts refusing.
     let (builder, calls) = counting(tenant.path(), 2, None);
-    let pool = RunspacePool::builder(builder.env("EXO_SIM_TOKEN_LIFETIME_S", "1"))
+    let pool = RunspacePool::builder(builder.env("EXO_SIM_TOKEN_LIFETIME_S", "1").env("EXO_SIM_RETRY_SCALE", "0.001"))
         .classifier(exo::ExchangeOnline)
         .restart_backoff(Duration::from_millis(50), Duration::from_millis(200))
         .connect_attempts(3)

@@ -159,7 +159,7 @@ fn a_bad_config_file_points_at_the_line_and_unknown_profiles_list_the_known() {
 #[test]
 fn run_prints_every_format_and_select_keeps_the_asked_properties() {
     let env = CliEnv::new("");
-    let params = ["--params", r#"{"ResultSize": 3}"#, "--select", "alias,Department,NoSuchProperty"];
+    let params = ["--params", r#"{"ResultSize": 3}"#, "--select", "alias,Office,NoSuchProperty"];
     let run = |format: &str| {
         let output = env.run(&[&["run", "Get-Mailbox"], &params[..], &["--format", format]].concat());
         assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
@@ -168,14 +168,14 @@ fn run_prints_every_format_and_select_keeps_the_asked_properties() {
     let json: Value = serde_json::from_str(&run("json")).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 3);
     let keys: Vec<&String> = json[0].as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["Alias", "Department", "NoSuchProperty"], "asked order, the object's spelling");
+    assert_eq!(keys, ["Alias", "Office", "NoSuchProperty"], "asked order, the object's spelling");
     assert_eq!(json[0]["NoSuchProperty"], Value::Null);
     let lines = jsonl(&run("jsonl"));
     assert_eq!(lines, json.as_array().unwrap().clone());
     let csv = run("csv");
     let mut rows = csv.lines();
-    assert_eq!(rows.next(), Some("Alias,Department,NoSuchProperty"));
-    assert_eq!(rows.next(), Some(format!("{},{},", json[0]["Alias"].as_str().unwrap(), json[0]["Department"].as_str().unwrap()).as_str()));
+    assert_eq!(rows.next(), Some("Alias,Office,NoSuchProperty"));
+    assert_eq!(rows.next(), Some(format!("{},{},", json[0]["Alias"].as_str().unwrap(), json[0]["Office"].as_str().unwrap()).as_str()));
     assert_eq!(csv.lines().count(), 4);
     let table = run("table");
     assert!(table.contains("Alias") && table.contains(json[2]["Alias"].as_str().unwrap()), "{table}");

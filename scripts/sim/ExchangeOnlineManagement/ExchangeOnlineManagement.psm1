@@ -7,7 +7,7 @@
 # As in the real module:
 #   * Connect-ExchangeOnline, Disconnect-ExchangeOnline, Get-ConnectionInformation and Get-EXOMailbox
 #     belong to this module;
-#   * Get-Mailbox, Set-Mailbox, New-Mailbox, Remove-Mailbox and Get-User exist only after a connect:
+#   * Get-Mailbox, Set-Mailbox, New-Mailbox, Remove-Mailbox, Get-User and Set-User exist only after a connect:
 #     they are functions of a generated tmpEXO_xxxxxxxx.xxx module (thin wrappers; the functions of
 #     the same names below, which this module does not export, do the work).
 # Error shapes and fault-injection variables: Private/SimFaults.ps1. Storage: Private/SimStore.ps1.
@@ -28,10 +28,14 @@ $script:SimConnectionTypeName = 'Microsoft.Exchange.Management.ExoPowershellSnap
 $script:SimTruncationWarning = 'There are more results available than are currently displayed. To view them, increase the value for the ResultSize parameter.'
 $script:SimRecipientTypes = @('DiscoveryMailbox', 'EquipmentMailbox', 'GroupMailbox', 'LegacyMailbox', 'LinkedMailbox',
     'LinkedRoomMailbox', 'RoomMailbox', 'SchedulingMailbox', 'SharedMailbox', 'TeamMailbox', 'UserMailbox')
-# Stored properties in output order (FirstName/LastName are stored for Get-User only).
+# Mailbox properties in output order. A stored record also holds the USER properties below: in
+# Exchange, Department, City, FirstName and LastName belong to the user (Get-User / Set-User); the
+# Mailbox objects of Get-Mailbox and Get-EXOMailbox do not carry them (the REST Mailbox entity has
+# no Department or City). Office is a mailbox property.
+$script:SimUserOnlyProperties = @('FirstName', 'LastName', 'Department', 'City')
 $script:SimMailboxProperties = @('Identity', 'Id', 'Name', 'Alias', 'DisplayName', 'PrimarySmtpAddress', 'UserPrincipalName',
     'EmailAddresses', 'RecipientType', 'RecipientTypeDetails', 'Guid', 'ExchangeGuid', 'ExternalDirectoryObjectId',
-    'DistinguishedName', 'OrganizationId', 'ExchangeVersion', 'Department', 'Office', 'City', 'CustomAttribute1',
+    'DistinguishedName', 'OrganizationId', 'ExchangeVersion', 'Office', 'CustomAttribute1',
     'CustomAttribute2', 'CustomAttribute3', 'CustomAttribute4', 'CustomAttribute5', 'HiddenFromAddressListsEnabled',
     'IsMailboxEnabled', 'IsInactiveMailbox', 'IsSoftDeletedByRemove', 'WhenSoftDeleted', 'ArchiveStatus',
     'ProhibitSendQuota', 'ProhibitSendReceiveQuota', 'IssueWarningQuota', 'WhenCreated', 'WhenChanged')
@@ -67,31 +71,49 @@ foreach ($typeName in $script:SimMailboxTypeName, $script:SimUserTypeName) {
 #region helpers shared by the commands
 
 function Assert-SimConnected {
-    <# Throws the "not connected" error on $Cmdlet when the command's connection does not exist. #>
+    <#
+        The command's connection, or the terminating "not connected" error on $Cmdlet: for
+        Get-EXOMailbox the real RestClientException shape, for the tmpEXO_ functions (whose
+        connection went away) an InvalidOperation error.
+    #>
     [CmdletBinding()]
     param([Parameter(Mandatory)][Management.Automation.PSCmdlet]$Cmdlet, [int]$ConnectionId = 0)
     $connection = Get-SimActiveConnection -ConnectionId $ConnectionId
-    if ($null -eq $connection) { $Cmdlet.ThrowTerminatingError((New-SimNotConnectedError)) }
-    return $connection
+    if ($null -ne $connection) { return $connection }
+    if ($Cmdlet.MyInvocation.MyCommand.Name -eq 'Get-EXOMailbox') {
+        # Thrown on the command's own PSCmdlet so that it ends the command (statement-terminating,
+        # as the real one); the price is the id's suffix: ',Get-EXOMailbox', not the class name.
+        $Cmdlet.ThrowTerminatingError((New-SimRestError -Message $script:SimNotConnectedMessage))
+    }
+    $Cmdlet.ThrowTerminatingError((New-SimNotConnectedError))
 }
 
 function Invoke-SimRequest {
     <#
         What every REST request of a command goes through, in the order a real call meets it:
-        connection, the round trip (EXO_SIM_LATENCY_MS), expired token (401), throttling (429).
+        connection, the round trip (EXO_SIM_LATENCY_MS), then the service's answer: 401 once the
+        token has expired, 429 for the share EXO_SIM_THROTTLE_RATE of calls. Failures go through
+        the module's own retry schedule (Invoke-SimRetrySchedule) and end as a NON-terminating
+        error written on $Cmdlet; then this returns $null and the command skips this request.
         Write commands pass -SkipLatency and apply the latency inside their audited write window.
         (The environment checks are inlined: this runs on every call.)
     #>
     [CmdletBinding()]
     param([Parameter(Mandatory)][Management.Automation.PSCmdlet]$Cmdlet, [int]$ConnectionId = 0, [switch]$SkipLatency)
-    $connection = Get-SimActiveConnection -ConnectionId $ConnectionId
-    if ($null -eq $connection) { $Cmdlet.ThrowTerminatingError((New-SimNotConnectedError)) }
+    $connection = Assert-SimConnected -Cmdlet $Cmdlet -ConnectionId $ConnectionId
     if (-not $SkipLatency -and $env:EXO_SIM_LATENCY_MS) { Invoke-SimLatency }
-    if (($env:EXO_SIM_TOKEN_LIFETIME_S -or $null -ne $connection.TokenClaimExpiryUtc) -and (Test-SimTokenExpired -Connection $connection)) {
-        $Cmdlet.ThrowTerminatingError((New-SimRestError -Message $script:SimExpiredTokenMessage -StatusCode 401))
+    $canExpire = $env:EXO_SIM_TOKEN_LIFETIME_S -or $null -ne $connection.TokenClaimExpiryUtc
+    $staysThrottled = $env:EXO_SIM_THROTTLE_RATE -and (Test-SimThrottled)
+    if (-not $staysThrottled -and -not ($canExpire -and (Test-SimTokenExpired -Connection $connection))) { return $connection }
+    # The attempt runs in Invoke-SimRetrySchedule's scope, a child of this one (dynamic scoping),
+    # so it sees $canExpire, $staysThrottled and $connection. The token may expire mid-schedule.
+    $finalStatus = Invoke-SimRetrySchedule -Attempt {
+        if ($canExpire -and (Test-SimTokenExpired -Connection $connection)) { 401 } elseif ($staysThrottled) { 429 } else { 0 }
     }
-    if ($env:EXO_SIM_THROTTLE_RATE -and (Test-SimThrottled)) { Invoke-SimThrottleFailure -Cmdlet $Cmdlet }
-    return $connection
+    if ($finalStatus -eq 0) { return $connection }
+    $body = if ($finalStatus -eq 401) { $script:SimExpiredTokenBody } else { $script:SimThrottleBody }
+    Write-SimRestError -Cmdlet $Cmdlet -ErrorRecord (New-SimHttpError -StatusCode $finalStatus -Body $body)
+    return $null
 }
 
 function ConvertTo-SimResultSize {
@@ -130,6 +152,21 @@ function ConvertTo-SimFilterTree {
     }
 }
 
+function Get-SimInvalidExoProperty {
+    <#
+        The -Properties of Get-EXOMailbox that the Mailbox entity does not have, in the order asked
+        (the real module refuses them all at once). The simulation knows only the properties it
+        stores, so a real property it does not model is refused too.
+    #>
+    [CmdletBinding()]
+    [OutputType([string[]])]
+    param([string[]]$Properties)
+    $known = [Collections.Generic.HashSet[string]]::new([string[]]$script:SimMailboxProperties, [StringComparer]::OrdinalIgnoreCase)
+    foreach ($name in $Properties) {
+        if ($name -and -not $known.Contains($name.Trim())) { $name.Trim() }
+    }
+}
+
 function Get-SimExoPropertyList {
     <# The properties Get-EXOMailbox emits: minimum set + -PropertySets + -Properties, in stored order. #>
     [CmdletBinding()]
@@ -139,9 +176,8 @@ function Get-SimExoPropertyList {
     foreach ($name in $script:SimExoMinimumProperties) { $null = $wanted.Add($name) }
     foreach ($set in @($PropertySets)) { if ($set) { foreach ($name in $script:SimExoPropertySets[$set]) { $null = $wanted.Add($name) } } }
     foreach ($name in @($Properties)) { if ($name) { $null = $wanted.Add($name.Trim()) } }
-    # FirstName/LastName are stored too (not part of Get-Mailbox output, but selectable here).
     $list = [Collections.Generic.List[string]]::new()
-    foreach ($name in $script:SimMailboxProperties + @('FirstName', 'LastName')) { if ($wanted.Contains($name)) { $list.Add($name) } }
+    foreach ($name in $script:SimMailboxProperties) { if ($wanted.Contains($name)) { $list.Add($name) } }
     return , $list.ToArray()
 }
 
@@ -157,8 +193,7 @@ function ConvertTo-SimShape {
     param([Parameter(Mandatory)]$Record, [Parameter(Mandatory)][string]$Shape, [string[]]$Properties)
     if ($Shape -eq 'Mailbox') {
         $all = $Record.PSObject.Properties
-        $all.Remove('FirstName')
-        $all.Remove('LastName')
+        foreach ($name in $script:SimUserOnlyProperties) { $all.Remove($name) }
         $Record.PSTypeNames.Insert(0, $script:SimMailboxTypeName)
         return $Record
     }
@@ -260,8 +295,8 @@ function Invoke-SimMailboxQuery {
         }
         $emitted++
         if ($Shape -eq 'Mailbox') {
-            $record.PSObject.Properties.Remove('FirstName')
-            $record.PSObject.Properties.Remove('LastName')
+            $all = $record.PSObject.Properties
+            foreach ($name in $script:SimUserOnlyProperties) { $all.Remove($name) }
             $record.PSTypeNames.Insert(0, $script:SimMailboxTypeName)
             $record
         }
@@ -290,19 +325,20 @@ function Invoke-SimMailboxQuery {
 
 function Find-SimMailboxForWrite {
     <#
-        Resolves -Identity for Set-/Remove-Mailbox: exactly one mailbox, or $null after writing the
-        non-terminating not-found / ambiguous error.
+        Resolves -Identity for Set-Mailbox, Set-User and Remove-Mailbox: exactly one mailbox, or $null
+        after writing the non-terminating not-found / ambiguous error ($Activity: the server-side
+        command named in its CategoryInfo).
     #>
     [CmdletBinding()]
-    param([Parameter(Mandatory)]$Tenant, [Parameter(Mandatory)][string]$Identity)
+    param([Parameter(Mandatory)]$Tenant, [Parameter(Mandatory)][string]$Identity, [string]$Activity = 'Get-Recipient')
     Invoke-SimLookupFault -Identity $Identity
     $found = Resolve-SimMailbox -Layout $Tenant.Layout -Identity $Identity
     if ($found.Count -eq 0) {
-        Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $Tenant.Info -Identity $Identity)
+        Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $Tenant.Info -Identity $Identity -Activity $Activity)
         return $null
     }
     if ($found.Count -gt 1) {
-        Write-ErrorMessage -ErrorRecord (New-SimAmbiguousError -TenantInfo $Tenant.Info -Identity $Identity)
+        Write-ErrorMessage -ErrorRecord (New-SimAmbiguousError -TenantInfo $Tenant.Info -Identity $Identity -Activity $Activity)
         return $null
     }
     Invoke-SimLookupFault -Identity $found[0].Alias
@@ -331,8 +367,8 @@ function Write-SimIdentityResult {
         $emitted++
         if ($Shape -eq 'Mailbox') {
             # ConvertTo-SimShape -Shape Mailbox, inlined (hot path).
-            $record.PSObject.Properties.Remove('FirstName')
-            $record.PSObject.Properties.Remove('LastName')
+            $all = $record.PSObject.Properties
+            foreach ($name in $script:SimUserOnlyProperties) { $all.Remove($name) }
             $record.PSTypeNames.Insert(0, $script:SimMailboxTypeName)
             $record
         }
@@ -341,6 +377,13 @@ function Write-SimIdentityResult {
         }
     }
     if ($emitted -eq 0) {
+        if ($Shape -eq 'ExoMailbox') {
+            # The compiled Get-EXOMailbox: the service's 404, in the module's REST error text.
+            $text = "Error executing request. The operation couldn't be performed because object '{0}' couldn't be found on '{1}'." -f $Identity, $Tenant.Info.DomainController
+            $body = ConvertTo-SimJson -InputObject ([ordered]@{ error = [ordered]@{ code = 'NotFound'; message = $text } })
+            Microsoft.Exchange.Management.RestApiClient.GetExoMailbox -ErrorRecord (New-SimHttpError -StatusCode 404 -Body $body)
+            return
+        }
         Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $Tenant.Info -Identity $Identity -Activity $Activity)
     }
 }
@@ -482,16 +525,25 @@ function Connect-ExchangeOnline {
     )
     $ErrorActionPreference = 'Stop'
     $bound = @{} + $PSBoundParameters
+    # The real module starts by looking up a script variable that is normally not set, with
+    # -ErrorAction SilentlyContinue. The suppressed error still lands in $Error and sets the
+    # caller's PowerShell.HadErrors, so even a successful connect reports HadErrors = True with no
+    # error record in the Error stream. Kept on purpose: hosts must not judge by HadErrors alone.
+    $searchOnly = Get-Variable -Name 'EnableSearchOnlySession' -Scope Script -ErrorAction SilentlyContinue
+    $null = $searchOnly
 
     # 1. Parameter validation, before anything is printed. Texts are the real module's; it throws
     #    plain strings, which gives OperationStopped / RuntimeException / id = message.
-    if ($Prefix -and [string]::Equals($Prefix.Trim(), 'EXO', [StringComparison]::OrdinalIgnoreCase)) {
-        throw "Prefix 'EXO' is a reserved Prefix, please use a different prefix."
-    }
-    $uri = $null
-    if ($bound.ContainsKey('ConnectionUri') -and
-        -not ([Uri]::TryCreate($ConnectionUri, [UriKind]::Absolute, [ref]$uri) -and $uri.Scheme -in 'https', 'http')) {
+    if ($ConnectionUri -ne '' -and -not (Test-SimHttpsUri -Text $ConnectionUri)) {
         throw "Invalid ConnectionUri parameter '$ConnectionUri'"
+    }
+    if ($AzureADAuthorizationEndpointUri -ne '' -and -not (Test-SimHttpsUri -Text $AzureADAuthorizationEndpointUri)) {
+        throw "Invalid AzureADAuthorizationEndpointUri parameter '$AzureADAuthorizationEndpointUri'"
+    }
+    if ($Prefix -ne '') {
+        # -notmatch / -eq: case-insensitive, as in the real module.
+        if ($Prefix -notmatch '^[a-z0-9]+$') { throw 'Use of any special characters in the Prefix string is not supported.' }
+        if ($Prefix -eq 'EXO') { throw "Prefix 'EXO' is a reserved Prefix, please use a different prefix." }
     }
     $guid = [Guid]::Empty
     if ($Organization -and [Guid]::TryParse($Organization, [ref]$guid)) {
@@ -502,8 +554,16 @@ function Connect-ExchangeOnline {
         throw 'AppId cannot be null for certificate based connections.'
     }
 
-    # 2. The banner comes before sign-in, so it is printed even when the connect then fails.
+    # 2. The banner comes before sign-in, so it is printed even when the connect then fails. The
+    #    Information record echoes -ConnectionUri as given (a port stays in this text; only the
+    #    connection's ConnectionUri keeps just scheme://host).
     if ($ShowBanner) { Write-SimBanner }
+    if ($ConnectionUri -ne '' -and $AzureADAuthorizationEndpointUri -eq '') {
+        Write-Information "Using ConnectionUri:'$ConnectionUri', in the environment:'$ExchangeEnvironmentName'."
+    }
+    if ($AzureADAuthorizationEndpointUri -ne '' -and $ConnectionUri -eq '') {
+        Write-Information "Using AzureADAuthorizationEndpointUri:'$AzureADAuthorizationEndpointUri', in the environment:'$ExchangeEnvironmentName'."
+    }
 
     # 3. Sign-in.
     $delay = Get-SimEnvNumber -Name 'EXO_SIM_CONNECT_DELAY_MS'
@@ -511,10 +571,8 @@ function Connect-ExchangeOnline {
     $tenant = Get-SimTenant
     $signIn = Get-SimSignIn -Bound $bound -TenantInfo $tenant.Info -Cmdlet $PSCmdlet
 
-    # 4. One connection per prefix: connecting again replaces the previous one (and its commands).
-    foreach ($existing in @(Get-SimConnectionList)) {
-        if ([string]::Equals($existing.ModulePrefix, $Prefix, [StringComparison]::OrdinalIgnoreCase)) { Remove-SimConnection -Connection $existing }
-    }
+    # 4. Connecting again ADDS a connection (ExchangeOnline_2, ...), each with its own tmpEXO_
+    #    module, as the real module does; the newest one serves the Get-EXO* commands.
 
     # 5. The generated module: <temp>/tmpEXO_xxxxxxxx.xxx/tmpEXO_xxxxxxxx.xxx.psm1, imported -Global.
     $basePath = if ($EXOModuleBasePath) { $PSCmdlet.GetUnresolvedProviderPathFromPSPath($EXOModuleBasePath) } else { [IO.Path]::GetTempPath() }
@@ -528,20 +586,20 @@ function Connect-ExchangeOnline {
     [Threading.Monitor]::Enter($store)
     try { $id = $store.NextId; $store.NextId = $id + 1 } finally { [Threading.Monitor]::Exit($store) }
     $connection = @{
-        ConnectionId                    = [Guid]::NewGuid().ToString()
-        Id                              = $id
+        ConnectionId                    = [Guid]::NewGuid()
+        Id                              = [uint32]$id
         Name                            = "ExchangeOnline_$id"
         UserPrincipalName               = $signIn.UserPrincipalName
-        ConnectionUri                   = if ($ConnectionUri) { $ConnectionUri.TrimEnd('/') } else { $script:SimDefaultConnectionUri }
+        ConnectionUri                   = if ($ConnectionUri) { ConvertTo-SimSchemeAndHost -Text $ConnectionUri } else { $script:SimDefaultConnectionUri }
         AzureAdAuthorizationEndpointUri = if ($AzureADAuthorizationEndpointUri) { $AzureADAuthorizationEndpointUri } else { $script:SimDefaultAuthorityUri }
         CertificateAuthentication       = $signIn.CertificateAuthentication
         ModuleName                      = $folder
         ModulePrefix                    = $Prefix
         Organization                    = if ($Organization) { $Organization } else { $tenant.Info.Organization }
-        DelegatedOrganization           = $DelegatedOrganization
-        AppId                           = $signIn.AppId
+        DelegatedOrganization           = if ($DelegatedOrganization) { $DelegatedOrganization } else { $null }
+        AppId                           = if ($signIn.AppId) { $signIn.AppId } else { $null }
         PageSize                        = $PageSize
-        TenantID                        = $tenant.Info.TenantId
+        TenantID                        = $signIn.TenantId
         ConnectionUsedForInbuiltCmdlets = $false
         IsEopSession                    = $false
         ConnectedAtUtc                  = [DateTime]::UtcNow
@@ -565,15 +623,7 @@ function Connect-ExchangeOnline {
         throw
     }
 
-    [Threading.Monitor]::Enter($store)
-    try {
-        $connection.ConnectionUsedForInbuiltCmdlets = -not @($store.Connections | Where-Object { $_.ConnectionUsedForInbuiltCmdlets }).Count
-        $store.Connections.Add($connection)
-        $store.Snapshot = $store.Connections.ToArray()
-    }
-    finally {
-        [Threading.Monitor]::Exit($store)
-    }
+    Add-SimConnection -Connection $connection
 }
 
 function Disconnect-ExchangeOnline {
@@ -602,7 +652,9 @@ function Get-ConnectionInformation {
     <#
     .SYNOPSIS
         SIMULATION of Get-ConnectionInformation: one object per connection of this process, nothing
-        when there is none. State Broken / TokenStatus Expired once the token has expired.
+        when there is none. Once the token has expired the service answers 401 and State shows
+        Broken; TokenStatus shows Expired too, except for -AccessToken connections, which always
+        show Active (and TokenExpiryTimeUTC 9999-12-31), as in the real module.
     #>
     [CmdletBinding()]
     param(
@@ -630,7 +682,7 @@ function Get-ConnectionInformation {
             AppId                           = $connection.AppId
             PageSize                        = $connection.PageSize
             TenantID                        = $connection.TenantID
-            TokenStatus                     = if ($expired) { 'Expired' } else { 'Active' }
+            TokenStatus                     = if ($expired -and $connection.AuthMode -ne 'AccessToken') { 'Expired' } else { 'Active' }
             ConnectionUsedForInbuiltCmdlets = $connection.ConnectionUsedForInbuiltCmdlets
             IsEopSession                    = $connection.IsEopSession
         }
@@ -682,10 +734,14 @@ function Get-EXOMailbox {
         if ($PSBoundParameters.ContainsKey('ResultSize')) { $limit = ConvertTo-SimResultSize -Cmdlet $PSCmdlet -ResultSize $ResultSize }
         $filterTree = $null
         if ($Filter) { $filterTree = ConvertTo-SimFilterTree -Cmdlet $PSCmdlet -Filter $Filter }
+        $invalid = @(Get-SimInvalidExoProperty -Properties $Properties)
+        if ($invalid.Count -gt 0) {
+            $PSCmdlet.ThrowTerminatingError((New-SimRestError -Message ('Some of requested properties are not valid. InvalidProperties = {0}' -f ($invalid -join ','))))
+        }
         $propertyList = Get-SimExoPropertyList -Properties $Properties -PropertySets $PropertySets
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet)) { return }
         $tenant = Get-SimTenant
         $key = switch ($PSCmdlet.ParameterSetName) {
             'ExternalDirectoryObjectId' { $ExternalDirectoryObjectId.ToString() }
@@ -743,7 +799,7 @@ function Get-Mailbox {
         if ($Filter) { $filterTree = ConvertTo-SimFilterTree -Cmdlet $PSCmdlet -Filter $Filter }
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId)) { return }
         $tenant = Get-SimTenant
         if ($InactiveMailboxOnly) { return }    # the simulated tenant has no inactive mailboxes
         if ($PSCmdlet.ParameterSetName -eq 'Identity' -and -not [string]::IsNullOrWhiteSpace($Identity) -and -not $Identity.Contains('*')) {
@@ -783,7 +839,7 @@ function Get-User {
         if ($Filter) { $filterTree = ConvertTo-SimFilterTree -Cmdlet $PSCmdlet -Filter $Filter }
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId)) { return }
         $tenant = Get-SimTenant
         if ($PSCmdlet.ParameterSetName -eq 'Identity' -and -not [string]::IsNullOrWhiteSpace($Identity) -and -not $Identity.Contains('*')) {
             Write-SimIdentityResult -Tenant $tenant -Identity $Identity -Shape User -RecipientTypeDetails $RecipientTypeDetails -Activity 'Get-User'
@@ -802,9 +858,7 @@ function Set-Mailbox {
         [Parameter(Mandatory, Position = 0, ValueFromPipeline, ValueFromPipelineByPropertyName)]
         [string]$Identity,
         [string]$DisplayName,
-        [string]$Department,
         [string]$Office,
-        [string]$City,
         [AllowEmptyString()][string]$CustomAttribute1,
         [AllowEmptyString()][string]$CustomAttribute2,
         [AllowEmptyString()][string]$CustomAttribute3,
@@ -822,7 +876,7 @@ function Set-Mailbox {
         if ($env:EXO_SIM_NOISE) { Invoke-SimNoise -CommandName $MyInvocation.MyCommand.Name }
         # The requested changes, validated once for the whole pipeline.
         $changes = [ordered]@{}
-        foreach ($name in 'DisplayName', 'Department', 'Office', 'City', 'CustomAttribute1', 'CustomAttribute2',
+        foreach ($name in 'DisplayName', 'Office', 'CustomAttribute1', 'CustomAttribute2',
             'CustomAttribute3', 'CustomAttribute4', 'CustomAttribute5', 'HiddenFromAddressListsEnabled') {
             if ($PSBoundParameters.ContainsKey($name)) { $changes[$name] = $PSBoundParameters[$name] }
         }
@@ -843,7 +897,7 @@ function Set-Mailbox {
         }
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency)) { return }
         $tenant = Get-SimTenant
         $target = Find-SimMailboxForWrite -Tenant $tenant -Identity $Identity
         if ($null -eq $target) { return }
@@ -862,12 +916,7 @@ function Set-Mailbox {
                 Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $tenant.Info -Identity $Identity)
                 return
             }
-            foreach ($name in $changes.Keys) {
-                if (-not [string]::Equals([string]$current.$name, [string]$changes[$name], [StringComparison]::Ordinal)) {
-                    $current.$name = $changes[$name]
-                    $changed = $true
-                }
-            }
+            $changed = Set-SimRecordProperty -Record $current -Changes $changes
             if ($PSBoundParameters.ContainsKey('EmailAddresses')) {
                 $addresses = Merge-SimEmailAddress -Current @($current.EmailAddresses) -Change $EmailAddresses
                 if ($null -eq $addresses) {
@@ -896,6 +945,89 @@ function Set-Mailbox {
     }
 }
 
+function Set-User {
+    <#
+        The user side of a mailbox: Department, City, FirstName, LastName (what Get-User shows). Same
+        write path as Set-Mailbox: one mailbox lock, an audit line per completed write, the real
+        no-change warning. (The -WhatIf text 'Setting user "<Identity>".' is a guess.)
+    #>
+    [CmdletBinding(SupportsShouldProcess, ConfirmImpact = 'Medium')]
+    param(
+        [Parameter(Mandatory, Position = 0, ValueFromPipeline, ValueFromPipelineByPropertyName)]
+        [string]$Identity,
+        [AllowEmptyString()][string]$Department,
+        [AllowEmptyString()][string]$City,
+        [AllowEmptyString()][string]$FirstName,
+        [AllowEmptyString()][string]$LastName,
+        [Parameter(DontShow)]
+        [int]$ExoSimConnectionId
+    )
+    begin {
+        $null = Assert-SimConnected -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId
+        if ($env:EXO_SIM_NOISE) { Invoke-SimNoise -CommandName $MyInvocation.MyCommand.Name }
+        $changes = [ordered]@{}
+        foreach ($name in 'Department', 'City', 'FirstName', 'LastName') {
+            if ($PSBoundParameters.ContainsKey($name)) { $changes[$name] = $PSBoundParameters[$name] }
+        }
+    }
+    process {
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency)) { return }
+        $tenant = Get-SimTenant
+        $target = Find-SimMailboxForWrite -Tenant $tenant -Identity $Identity -Activity 'Set-User'
+        if ($null -eq $target) { return }
+        $description = 'Setting user "{0}".' -f $target.Identity
+        if (-not $PSCmdlet.ShouldProcess($description, "Are you sure you want to perform this action?`n$description", 'Confirm')) { return }
+
+        $start = [DateTime]::UtcNow
+        Invoke-SimLatency
+        $file = Get-SimMailboxFile -Layout $tenant.Layout -Alias $target.Alias
+        $changed = $false
+        $lock = Enter-SimFileLock -Path ([IO.Path]::Combine($tenant.Layout.Locks, $target.Alias.ToLowerInvariant() + '.lock'))
+        try {
+            $current = Read-SimMailboxFile -File $file
+            if ($null -eq $current) {
+                Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $tenant.Info -Identity $Identity -Activity 'Set-User')
+                return
+            }
+            $changed = Set-SimRecordProperty -Record $current -Changes $changes
+            if ($changed) {
+                $current.WhenChanged = [DateTime]::UtcNow
+                Write-SimFileAtomic -Path $file -Text (ConvertTo-SimJson -InputObject $current)
+            }
+        }
+        finally {
+            $lock.Dispose()
+        }
+        Add-SimAuditEntry -Layout $tenant.Layout -Cmdlet 'Set-User' -Identity $Identity -Start $start -End ([DateTime]::UtcNow)
+        if (-not $changed) {
+            Write-Warning ("The command completed successfully but no settings of '{0}' have been modified." -f $current.Identity)
+        }
+    }
+}
+
+function Set-SimRecordProperty {
+    <#
+        Applies $Changes (name -> value) to a stored record; returns whether anything changed
+        (ordinal string comparison). A property missing from an older record is added.
+    #>
+    [CmdletBinding()]
+    [OutputType([bool])]
+    param([Parameter(Mandatory)]$Record, [Parameter(Mandatory)][Collections.IDictionary]$Changes)
+    $changed = $false
+    foreach ($name in $Changes.Keys) {
+        $property = $Record.PSObject.Properties[$name]
+        if ($null -eq $property) {
+            $Record | Add-Member -NotePropertyName $name -NotePropertyValue $Changes[$name]
+            $changed = $true
+        }
+        elseif (-not [string]::Equals([string]$property.Value, [string]$Changes[$name], [StringComparison]::Ordinal)) {
+            $property.Value = $Changes[$name]
+            $changed = $true
+        }
+    }
+    return $changed
+}
+
 function New-Mailbox {
     [CmdletBinding(SupportsShouldProcess, ConfirmImpact = 'Medium', DefaultParameterSetName = 'User')]
     param(
@@ -914,7 +1046,6 @@ function New-Mailbox {
         [switch]$Room,
         [string]$FirstName,
         [string]$LastName,
-        [string]$Department,
         [Parameter(DontShow)]
         [int]$ExoSimConnectionId
     )
@@ -923,7 +1054,7 @@ function New-Mailbox {
         if ($env:EXO_SIM_NOISE) { Invoke-SimNoise -CommandName $MyInvocation.MyCommand.Name }
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency)) { return }
         $tenant = Get-SimTenant
         $info = $tenant.Info
         $Name = $Name.Trim()
@@ -991,7 +1122,7 @@ function New-Mailbox {
                 $spec = @{
                     Alias = $newAlias; Name = $Name; RecipientTypeDetails = $type
                     DisplayName = if ($DisplayName) { $DisplayName } else { $Name }
-                    FirstName = $FirstName; LastName = $LastName; Department = $Department
+                    FirstName = $FirstName; LastName = $LastName
                     UserPrincipalName = if ($MicrosoftOnlineServicesID) { $MicrosoftOnlineServicesID } else { "$newAlias@$($info.Organization)" }
                     PrimarySmtpAddress = if ($PrimarySmtpAddress) { $PrimarySmtpAddress } else { "$newAlias@$($info.Organization)" }
                 }
@@ -1035,7 +1166,7 @@ function Remove-Mailbox {
         if ($env:EXO_SIM_NOISE) { Invoke-SimNoise -CommandName $MyInvocation.MyCommand.Name }
     }
     process {
-        $null = Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency
+        if ($null -eq (Invoke-SimRequest -Cmdlet $PSCmdlet -ConnectionId $ExoSimConnectionId -SkipLatency)) { return }
         $tenant = Get-SimTenant
         $target = Find-SimMailboxForWrite -Tenant $tenant -Identity $Identity
         if ($null -eq $target) { return }

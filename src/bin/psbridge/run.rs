@@ -26,9 +26,9 @@ use crate::Globals;
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     psbridge run --simulated Get-Mailbox --params '{\"Identity\": \"ContosoUser1\"}'\n  \
-    psbridge run --profile contoso Get-Mailbox --params '{\"ResultSize\": 50}' --select Alias,Department --format csv > mailboxes.csv\n  \
+    psbridge run --profile contoso Get-Mailbox --params '{\"ResultSize\": 50}' --select Alias,Office --format csv > mailboxes.csv\n  \
     psbridge run --simulated Get-Mailbox --params '{\"ResultSize\": 5}' --format table\n  \
-    psbridge run --simulated Set-Mailbox --params '{\"Identity\": \"ContosoUser1\", \"Department\": \"Sales\", \"WhatIf\": true}' --envelope\n  \
+    psbridge run --simulated Set-Mailbox --params '{\"Identity\": \"ContosoUser1\", \"Office\": \"Building 7\", \"WhatIf\": true}' --envelope\n  \
     psbridge run --script 'param($Name) \"Hello, $Name\"' --params '{\"Name\": \"world\"}'\n  \
     psbridge run --script 'param($Text) $Text.Length' --params @big.json\n  \
     jq -c '{Identity: .alias}' user.json | psbridge run --simulated Get-Mailbox --params -\n  \

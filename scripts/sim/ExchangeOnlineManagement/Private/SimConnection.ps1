@@ -11,13 +11,15 @@ Set-StrictMode -Version Latest
 
 $script:SimConnectionSlot = 'psbridge.ExchangeOnlineManagementSimulation.Connections'
 $script:SimConnectionStore = $null
-$script:SimRestCommandNames = @('Get-Mailbox', 'Set-Mailbox', 'New-Mailbox', 'Remove-Mailbox', 'Get-User')
+$script:SimRestCommandNames = @('Get-Mailbox', 'Set-Mailbox', 'New-Mailbox', 'Remove-Mailbox', 'Get-User', 'Set-User')
 $script:SimDefaultConnectionUri = 'https://outlook.office365.com'
 $script:SimDefaultAuthorityUri = 'https://login.microsoftonline.com/organizations'
+$script:SimAccessTokenExpiry = [DateTimeOffset]::new(9999, 12, 31, 23, 59, 59, [TimeSpan]::Zero)
 
 function Get-SimConnectionStore {
     <#
-        The process-wide store: @{ NextId; Connections = List[hashtable]; Snapshot = hashtable[] }.
+        The process-wide store: @{ NextId; Connections = List[hashtable]; Snapshot = hashtable[];
+        LastInbuilt = the connection the Get-EXO* commands used last, kept after a Disconnect }.
         Writers lock it and replace Snapshot after each change; readers just take Snapshot.
     #>
     [CmdletBinding()]
@@ -29,7 +31,7 @@ function Get-SimConnectionStore {
     try {
         $store = $domain.GetData($script:SimConnectionSlot)
         if ($null -eq $store) {
-            $store = @{ NextId = 1; Connections = [Collections.Generic.List[hashtable]]::new(); Snapshot = [hashtable[]]@() }
+            $store = @{ NextId = 1; Connections = [Collections.Generic.List[hashtable]]::new(); Snapshot = [hashtable[]]@(); LastInbuilt = $null }
             $domain.SetData($script:SimConnectionSlot, $store)
         }
     }
@@ -50,19 +52,41 @@ function Get-SimConnectionList {
 function Get-SimActiveConnection {
     <#
         The connection a command runs on: the one whose id the generated module passed, or (id 0, the
-        Get-EXO* commands of the main module) the one used for inbuilt cmdlets. $null when there is none.
+        Get-EXO* commands of the main module) the one used for inbuilt cmdlets, which is the newest.
+        $null when there is none. Like the real module's compiled cmdlets, Get-EXO* keep working after
+        Disconnect-ExchangeOnline with the last connection's token (observed with 3.9.0: the token
+        provider stays), until the process ends.
     #>
     [CmdletBinding()]
     param([int]$ConnectionId = 0)
     $store = $script:SimConnectionStore
     if ($null -eq $store) { $store = Get-SimConnectionStore }
     $connections = $store.Snapshot
-    foreach ($connection in $connections) {
-        if ($ConnectionId -gt 0) { if ($connection.Id -eq $ConnectionId) { return $connection } }
-        elseif ($connection.ConnectionUsedForInbuiltCmdlets) { return $connection }
+    if ($ConnectionId -gt 0) {
+        foreach ($connection in $connections) { if ($connection.Id -eq $ConnectionId) { return $connection } }
+        return $null
     }
-    if ($ConnectionId -eq 0 -and $connections.Count -gt 0) { return $connections[0] }
-    return $null
+    foreach ($connection in $connections) { if ($connection.ConnectionUsedForInbuiltCmdlets) { return $connection } }
+    if ($connections.Count -gt 0) { return $connections[-1] }
+    return $store.LastInbuilt
+}
+
+function Add-SimConnection {
+    <# Adds $Connection to the process; it becomes the one used for inbuilt cmdlets, as in the real module. #>
+    [CmdletBinding()]
+    param([Parameter(Mandatory)][hashtable]$Connection)
+    $store = Get-SimConnectionStore
+    [Threading.Monitor]::Enter($store)
+    try {
+        foreach ($existing in $store.Connections) { $existing.ConnectionUsedForInbuiltCmdlets = $false }
+        $Connection.ConnectionUsedForInbuiltCmdlets = $true
+        $store.Connections.Add($Connection)
+        $store.LastInbuilt = $Connection
+        $store.Snapshot = $store.Connections.ToArray()
+    }
+    finally {
+        [Threading.Monitor]::Exit($store)
+    }
 }
 
 function Test-SimTokenExpired {
@@ -82,14 +106,36 @@ function Test-SimTokenExpired {
 }
 
 function Get-SimTokenExpiry {
-    <# TokenExpiryTimeUTC shown by Get-ConnectionInformation. #>
+    <#
+        TokenExpiryTimeUTC shown by Get-ConnectionInformation. Access-token connections always show
+        9999-12-31 23:59:59 +00:00: the real module never reads the token's 'exp' (observed with 3.9.0).
+    #>
     [CmdletBinding()]
     [OutputType([DateTimeOffset])]
     param([Parameter(Mandatory)][hashtable]$Connection)
+    if ($Connection.AuthMode -eq 'AccessToken') { return $script:SimAccessTokenExpiry }
     $lifetime = Get-SimEnvNumber -Name 'EXO_SIM_TOKEN_LIFETIME_S' -Default -1
     $expiry = if ($lifetime -ge 0) { $Connection.ConnectedAtUtc.AddSeconds($lifetime) } else { $Connection.ConnectedAtUtc.AddHours(1) }
     if ($null -ne $Connection.TokenClaimExpiryUtc -and $Connection.TokenClaimExpiryUtc -lt $expiry) { $expiry = $Connection.TokenClaimExpiryUtc }
     return [DateTimeOffset]::new([DateTime]::SpecifyKind($expiry, [DateTimeKind]::Utc))
+}
+
+function Test-SimHttpsUri {
+    <# The real module's Test-Uri: converts to [Uri] and accepts only https. #>
+    [CmdletBinding()]
+    [OutputType([bool])]
+    param([Parameter(Mandatory)][AllowEmptyString()][string]$Text)
+    $uri = $Text -as [Uri]
+    return ($null -ne $uri -and $uri.IsAbsoluteUri -and $uri.Scheme -eq 'https')
+}
+
+function ConvertTo-SimSchemeAndHost {
+    <# The ConnectionUri a connection keeps: scheme://host only (path and port are dropped). #>
+    [CmdletBinding()]
+    [OutputType([string])]
+    param([Parameter(Mandatory)][string]$Text)
+    $uri = [Uri]$Text
+    return '{0}://{1}' -f $uri.Scheme, $uri.Host
 }
 
 function New-SimConnectError {
@@ -239,7 +285,7 @@ function Write-SimBanner {
 function Get-SimSignIn {
     <#
         Signs in the way the bound parameters ask for and returns what the connection records:
-        @{ Mode; AppId; UserPrincipalName; CertificateAuthentication; TokenClaimExpiryUtc }.
+        @{ Mode; AppId; UserPrincipalName; CertificateAuthentication; TokenClaimExpiryUtc; TenantId }.
         Throws Connect-shaped ErrorRecords.
     #>
     [CmdletBinding()]
@@ -249,7 +295,7 @@ function Get-SimSignIn {
         [Parameter(Mandatory)][Management.Automation.PSCmdlet]$Cmdlet
     )
     $organization = [string]$Bound['Organization']
-    $result = @{ Mode = ''; AppId = $null; UserPrincipalName = $null; CertificateAuthentication = $false; TokenClaimExpiryUtc = $null }
+    $result = @{ Mode = ''; AppId = $null; UserPrincipalName = $null; CertificateAuthentication = $false; TokenClaimExpiryUtc = $null; TenantId = $TenantInfo.TenantId }
     $appOnly = $false
 
     if ($Bound.ContainsKey('AccessToken')) {
@@ -262,8 +308,13 @@ function Get-SimSignIn {
             $seconds = 0L
             if ([long]::TryParse("$exp", [ref]$seconds)) { $result.TokenClaimExpiryUtc = [DateTimeOffset]::FromUnixTimeSeconds($seconds).UtcDateTime }
         }
-        $result.UserPrincipalName = Get-SimClaim -Claims $jwt.Claims -Name 'upn', 'unique_name', 'preferred_username'
-        $result.AppId = Get-SimClaim -Claims $jwt.Claims -Name 'appid', 'azp'
+        # What the real module reports for any access token (observed with 3.9.0): the user is
+        # OAuthUser@<Organization> even when the token carries a upn, there is no AppId, and the
+        # tenant is the 'tid' claim, or the Organization when the token has none.
+        $result.UserPrincipalName = "OAuthUser@$organization"
+        $result.AppId = $null
+        $tid = Get-SimClaim -Claims $jwt.Claims -Name 'tid'
+        $result.TenantId = if ($null -ne $tid) { [string]$tid } else { $organization }
     }
     elseif ($Bound.ContainsKey('ManagedIdentity') -and [bool]$Bound['ManagedIdentity']) {
         # No secret needed: the platform's identity endpoint vouches for the caller.
@@ -377,6 +428,11 @@ function Remove-SimConnection {
     try {
         for ($i = $store.Connections.Count - 1; $i -ge 0; $i--) {
             if ($store.Connections[$i].ConnectionId -eq $Connection.ConnectionId) { $store.Connections.RemoveAt($i) }
+        }
+        # A targeted Disconnect of the inbuilt connection hands that role to the newest one left.
+        if ($Connection.ConnectionUsedForInbuiltCmdlets -and $store.Connections.Count -gt 0) {
+            $store.Connections[$store.Connections.Count - 1].ConnectionUsedForInbuiltCmdlets = $true
+            $store.LastInbuilt = $store.Connections[$store.Connections.Count - 1]
         }
         $store.Snapshot = $store.Connections.ToArray()
     }

@@ -3,29 +3,35 @@
 # Every variable below is read at call time (never cached at import), so a test can change it
 # between two commands of one long-lived worker.
 #   EXO_SIM_LATENCY_MS        added to every REST-backed call (Start-Sleep, so it is stoppable).
-#   EXO_SIM_THROTTLE_RATE     0..1: that share of calls (random) ends throttled (HTTP 429).
+#   EXO_SIM_THROTTLE_RATE     0..1: that share of calls (random) stays throttled (HTTP 429) through
+#                             the module's own retries and then fails.
 #   EXO_SIM_TOKEN_LIFETIME_S  seconds after Connect-ExchangeOnline when calls fail with HTTP 401.
+#   EXO_SIM_RETRY_SCALE       0..1 (default 1): factor on the waits of the module's own retry
+#                             schedule (2, 4, 8, 16, 32 s; a 429 waits its Retry-After, 2 s here).
 #   EXO_SIM_CRASH_ON          identity (alias etc., case-insensitive): looking it up exits the process (134).
 #   EXO_SIM_HANG_ON           identity: looking it up blocks the thread forever (PowerShell.Stop() cannot end it).
 #   EXO_SIM_NOISE             1: stray console writes inside every call; 2: also a native child that
 #                             writes straight to the inherited stdout/stderr file descriptors.
 #
-# Error shapes (what a caller sees in $_ / $Error[0]) - the bridge classifies on these:
-#   not connected   terminating; InvalidOperationException
-#                   'You must call Connect-ExchangeOnline before calling any other cmdlet.'
-#                   CategoryInfo 'InvalidOperation: (:) [<Cmdlet>], InvalidOperationException'
-#                   FullyQualifiedErrorId 'NotConnected,<Cmdlet>'
-#   REST failure    terminating; CategoryInfo 'ProtocolError: (:) [<Cmdlet>], RestClientException'
-#                   FullyQualifiedErrorId 'An error occurred while processing this request.,<Cmdlet>'
-#                   Exception.Data['HttpStatusCode'] = 401 | 429; for 429 also Data['RetryAfterSeconds'].
-#     401 expired   'Error while querying REST service. HttpStatusCode=401 ErrorMessage={"error":{"code":"InvalidAuthenticationToken","message":"Access token has expired or is not yet valid."}}'
-#     429 throttled the raw JSON body of the server's answer:
-#                   '{"error":{"code":"TooManyRequests","message":"Rate limit exceeded. Retry after 2 seconds."}}'
-#                   preceded by five Verbose records 'The current request is throttled at the server,
-#                   waiting for <2000*2^n> milliseconds' (n = 0..4; the simulation waits 1 ms each) and
-#                   the Warning 'Maximum retry count reached.'.
-#   server errors   message 'stringId|Class|Text' (as Exchange sends them), CategoryInfo
-#                   'NotSpecified: (<identity>:String) [<Activity>], <short class name>'.
+# Error shapes (what a caller sees in $_ / $Error[0]), as observed on the real module 3.9.0:
+#   not connected   Get-EXOMailbox: terminating; 'You must call Connect-ExchangeOnline before calling
+#                   any other cmdlet.', CategoryInfo 'ProtocolError: (:) [Get-EXOMailbox], RestClientException',
+#                   FullyQualifiedErrorId '<message>,Get-EXOMailbox' (real: '<message>,Microsoft.Exchange.
+#                   Management.RestApiClient.GetExoMailbox'; a script function cannot throw with that suffix
+#                   and still end the command).
+#                   (The tmpEXO_ functions of a connection that is gone: InvalidOperation,
+#                   'NotConnected,<Cmdlet>' - not observed on the real module.)
+#   REST failure    NON-terminating, after the retry schedule (HTTP 401, 429, 500, 503: five retries,
+#                   Verbose '[ThreadID: #] Retry count N. Request failed with error "An error occurred
+#                   while processing this request.". . Waiting N seconds'; no warning):
+#                   'Error while querying REST service. HttpStatusCode=<n> ErrorMessage=<service JSON>',
+#                   CategoryInfo 'ProtocolError: (:) [<Cmdlet>], RestClientException', FullyQualifiedErrorId
+#                   'An error occurred while processing this request.,Microsoft.Exchange.Management.RestApiClient.GetExoMailbox'
+#                   for Get-EXOMailbox (',<Cmdlet>' for the tmpEXO_ functions), exception type
+#                   Microsoft.Exchange.Management.RestApiClient.RestClientException, nothing in Exception.Data.
+#                   A missing identity in Get-EXOMailbox is HTTP 404 through the same text (no retries).
+#   server errors   the tmpEXO_ functions: message 'stringId|Class|Text' (as Exchange sends them),
+#                   CategoryInfo 'NotSpecified: (<identity>:String) [<Activity>], <short class name>'.
 #     not found / ambiguous: NON-terminating, FullyQualifiedErrorId
 #                   '[Server=<s>,RequestId=<guid>,TimeStamp=<RFC 1123 date>],Write-ErrorMessage'
 #     duplicate New-Mailbox: terminating, FullyQualifiedErrorId '[Server=...,RequestId=...,TimeStamp=...],New-Mailbox'
@@ -36,8 +42,15 @@ Set-StrictMode -Version Latest
 
 $script:SimInvariant = [Globalization.CultureInfo]::InvariantCulture
 $script:SimNotConnectedMessage = 'You must call Connect-ExchangeOnline before calling any other cmdlet.'
+# The service's answers. Their bodies were never seen from the real service: these are plausible
+# OData error bodies; the module puts them after 'ErrorMessage=' unchanged.
+$script:SimRetryAfterSeconds = 2
 $script:SimThrottleBody = '{"error":{"code":"TooManyRequests","message":"Rate limit exceeded. Retry after 2 seconds."}}'
-$script:SimExpiredTokenMessage = 'Error while querying REST service. HttpStatusCode=401 ErrorMessage={"error":{"code":"InvalidAuthenticationToken","message":"Access token has expired or is not yet valid."}}'
+$script:SimExpiredTokenBody = '{"error":{"code":"InvalidAuthenticationToken","message":"Access token has expired or is not yet valid."}}'
+$script:SimRestQueryFailed = 'An error occurred while processing this request.'
+$script:SimRestMaxRetries = 5
+# FullyQualifiedErrorIds of the compiled Get-EXOMailbox end in its class name, not in the command name.
+$script:SimExoMailboxClass = 'Microsoft.Exchange.Management.RestApiClient.GetExoMailbox'
 
 function Get-SimEnvNumber {
     <# Numeric value of environment variable $Name (invariant culture), or $Default when unset/invalid. #>
@@ -133,16 +146,132 @@ function New-SimNotConnectedError {
         -ErrorId 'NotConnected' -Category InvalidOperation
 }
 
+function Get-SimRestClientExceptionType {
+    <#
+        [Microsoft.Exchange.Management.RestApiClient.RestClientException]: an Exception subclass with a
+        (string message, Exception inner) constructor, so $_.Exception.GetType().FullName reads as in
+        the real module. Emitted once per process with Reflection.Emit (a few milliseconds, no
+        compiler) and kept in AppDomain data, because every runspace imports its own copy of this
+        module. It is a stand-in: it has none of the real type's members beyond Exception's.
+    #>
+    [CmdletBinding()]
+    [OutputType([type])]
+    param()
+    if ($null -ne $script:SimRestClientExceptionType) { return $script:SimRestClientExceptionType }
+    $slot = 'psbridge.ExchangeOnlineManagementSimulation.RestClientException'
+    $domain = [AppDomain]::CurrentDomain
+    [Threading.Monitor]::Enter([AppDomain])
+    try {
+        $type = $domain.GetData($slot)
+        if ($null -eq $type) {
+            $assembly = [Reflection.Emit.AssemblyBuilder]::DefineDynamicAssembly(
+                [Reflection.AssemblyName]::new('Microsoft.Exchange.Management.RestApiClient.Simulation'), [Reflection.Emit.AssemblyBuilderAccess]::Run)
+            $builder = $assembly.DefineDynamicModule('Simulation').DefineType(
+                'Microsoft.Exchange.Management.RestApiClient.RestClientException', [Reflection.TypeAttributes]'Public, Class', [Exception])
+            $signature = [Type[]]@([string], [Exception])
+            $constructor = $builder.DefineConstructor([Reflection.MethodAttributes]::Public, [Reflection.CallingConventions]::Standard, $signature)
+            $il = $constructor.GetILGenerator()
+            $il.Emit([Reflection.Emit.OpCodes]::Ldarg_0)
+            $il.Emit([Reflection.Emit.OpCodes]::Ldarg_1)
+            $il.Emit([Reflection.Emit.OpCodes]::Ldarg_2)
+            $il.Emit([Reflection.Emit.OpCodes]::Call, [Exception].GetConstructor($signature))
+            $il.Emit([Reflection.Emit.OpCodes]::Ret)
+            $type = $builder.CreateType()
+            $domain.SetData($slot, $type)
+        }
+    }
+    finally {
+        [Threading.Monitor]::Exit([AppDomain])
+    }
+    $script:SimRestClientExceptionType = $type
+    return $type
+}
+$script:SimRestClientExceptionType = $null
+
 function New-SimRestError {
-    <# An HTTP failure of the REST endpoint (ProtocolError / RestClientException). #>
+    <#
+        A failure reported by the REST client: ProtocolError / RestClientException, no TargetObject,
+        nothing in Exception.Data. -Message is what the caller reads; -ErrorId the first half of the
+        FullyQualifiedErrorId (for HTTP failures the inner OData exception's message, for checks made
+        before any request the message itself).
+    #>
     [CmdletBinding()]
     [OutputType([Management.Automation.ErrorRecord])]
-    param([Parameter(Mandatory)][string]$Message, [Parameter(Mandatory)][int]$StatusCode, [int]$RetryAfterSeconds = 0)
-    $exception = [Exception]::new($Message)
-    $exception.Data['HttpStatusCode'] = $StatusCode
-    if ($RetryAfterSeconds -gt 0) { $exception.Data['RetryAfterSeconds'] = $RetryAfterSeconds }
-    return New-SimErrorRecord -Exception $exception -ErrorId 'An error occurred while processing this request.' `
-        -Category ProtocolError -Reason 'RestClientException'
+    param([Parameter(Mandatory)][string]$Message, [string]$ErrorId = $Message, [string]$InnerMessage)
+    $inner = if ($InnerMessage) { [Exception]::new($InnerMessage) } else { $null }
+    $exception = (Get-SimRestClientExceptionType)::new($Message, $inner)
+    return New-SimErrorRecord -Exception $exception -ErrorId $ErrorId -Category ProtocolError -Reason 'RestClientException'
+}
+
+function New-SimHttpError {
+    <# 'Error while querying REST service. HttpStatusCode=<n> ErrorMessage=<body>', as the module words it. #>
+    [CmdletBinding()]
+    [OutputType([Management.Automation.ErrorRecord])]
+    param([Parameter(Mandatory)][int]$StatusCode, [Parameter(Mandatory)][string]$Body)
+    $message = 'Error while querying REST service. HttpStatusCode={0} ErrorMessage={1}' -f $StatusCode, $Body
+    return New-SimRestError -Message $message -ErrorId $script:SimRestQueryFailed -InnerMessage $script:SimRestQueryFailed
+}
+
+function Microsoft.Exchange.Management.RestApiClient.GetExoMailbox {
+    <#
+        Reports an error of Get-EXOMailbox. PowerShell ends a FullyQualifiedErrorId with the name of
+        the command that writes the record; for the real, compiled Get-EXOMailbox that is its class
+        name, so this helper carries that name. (Its price: the record's InvocationInfo.MyCommand
+        names this helper, where the real one names Get-EXOMailbox; CategoryInfo.Activity is set to
+        Get-EXOMailbox explicitly.) Non-terminating errors only: a terminating error thrown here
+        would end only the statement that called this helper, not Get-EXOMailbox.
+    #>
+    [CmdletBinding()]
+    param([Parameter(Mandatory)][Management.Automation.ErrorRecord]$ErrorRecord)
+    $ErrorRecord.CategoryInfo.Activity = 'Get-EXOMailbox'
+    $PSCmdlet.WriteError($ErrorRecord)
+}
+
+function Write-SimRestError {
+    <# Writes a REST failure of $Cmdlet as a non-terminating error, in the shape of that command. #>
+    [CmdletBinding()]
+    param([Parameter(Mandatory)][Management.Automation.PSCmdlet]$Cmdlet, [Parameter(Mandatory)][Management.Automation.ErrorRecord]$ErrorRecord)
+    if ($Cmdlet.MyInvocation.MyCommand.Name -eq 'Get-EXOMailbox') {
+        Microsoft.Exchange.Management.RestApiClient.GetExoMailbox -ErrorRecord $ErrorRecord
+    }
+    else {
+        $Cmdlet.WriteError($ErrorRecord)
+    }
+}
+
+function Get-SimRetryScale {
+    <# EXO_SIM_RETRY_SCALE clamped to 0..1 (default 1: the real waits). #>
+    [CmdletBinding()]
+    [OutputType([double])]
+    param()
+    return [Math]::Min(1.0, [Math]::Max(0.0, (Get-SimEnvNumber -Name 'EXO_SIM_RETRY_SCALE' -Default 1)))
+}
+
+function Invoke-SimRetrySchedule {
+    <#
+        The module's own retry loop around one REST request: $Attempt is called before each try and
+        returns 0 (the request goes through) or the HTTP status the service answered. On 401, 429,
+        500 and 503 it tries again up to five times, waiting 2, 4, 8, 16, 32 s (a 429: the server's
+        Retry-After) times EXO_SIM_RETRY_SCALE, writing the real Verbose lines. Returns the final
+        status: 0, or the one that outlasted the retries (the caller reports it).
+    #>
+    [CmdletBinding()]
+    [OutputType([int])]
+    param([Parameter(Mandatory)][scriptblock]$Attempt)
+    for ($retry = 0; ; $retry++) {
+        $status = [int](& $Attempt)
+        if ($status -eq 0) { return 0 }
+        Write-Verbose "[ThreadID: #] HTTP Status Code: $status"
+        if ($status -notin 401, 429, 500, 503) { return $status }
+        if ($retry -ge $script:SimRestMaxRetries) {
+            Write-Verbose "[ThreadID: #] Retry attempts exhausted, Max Allowed : $($script:SimRestMaxRetries)"
+            return $status
+        }
+        $seconds = if ($status -eq 429) { $script:SimRetryAfterSeconds } else { [int][Math]::Pow(2, $retry + 1) }
+        Write-Verbose ('[ThreadID: #] Retry count {0}. Request failed with error "{1}". . Waiting {2} seconds' -f ($retry + 1), $script:SimRestQueryFailed, $seconds)
+        $milliseconds = [int][Math]::Round($seconds * 1000 * (Get-SimRetryScale))
+        if ($milliseconds -gt 0) { Start-Sleep -Milliseconds $milliseconds }
+    }
 }
 
 function Invoke-SimLatency {
@@ -161,23 +290,6 @@ function Test-SimThrottled {
     $rate = Get-SimEnvNumber -Name 'EXO_SIM_THROTTLE_RATE'
     if ($rate -le 0) { return $false }
     return ([Random]::Shared.NextDouble() -lt $rate)
-}
-
-function Invoke-SimThrottleFailure {
-    <#
-        What a call that stays throttled looks like: the real generated cmdlets retry (6 attempts,
-        2000 ms x 2^retry) writing a Verbose line per wait, then give up with 'Maximum retry count
-        reached.' and the server's raw 429 body. The simulation prints the real wait times but waits
-        1 ms each, so tests stay fast.
-    #>
-    [CmdletBinding()]
-    param([Parameter(Mandatory)][Management.Automation.PSCmdlet]$Cmdlet)
-    for ($retry = 0; $retry -lt 5; $retry++) {
-        Write-Verbose ('The current request is throttled at the server, waiting for {0} milliseconds' -f (2000 * [Math]::Pow(2, $retry)))
-        Start-Sleep -Milliseconds 1
-    }
-    Write-Warning 'Maximum retry count reached.'
-    $Cmdlet.ThrowTerminatingError((New-SimRestError -Message $script:SimThrottleBody -StatusCode 429 -RetryAfterSeconds 2))
 }
 
 function Invoke-SimLookupFault {

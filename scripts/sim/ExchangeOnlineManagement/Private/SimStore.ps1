@@ -253,8 +253,9 @@ function Format-SimByteQuota {
 
 function New-SimMailboxRecord {
     <#
-        The stored form of a mailbox: an ordered dictionary with the properties Get-Mailbox emits, in
-        output order, followed by FirstName/LastName (kept for Get-User; Get-Mailbox drops them).
+        The stored form of a mailbox and its user: an ordered dictionary with the properties
+        Get-Mailbox emits, in output order, followed by the user's FirstName, LastName, Department and
+        City (Get-User / Set-User; Get-Mailbox and Get-EXOMailbox drop them).
         $Spec keys: Alias, Name (required); DisplayName, FirstName, LastName, UserPrincipalName,
         PrimarySmtpAddress, RecipientTypeDetails, Department, Office, City, CustomAttribute1..5,
         HiddenFromAddressListsEnabled, ArchiveStatus, WhenCreated, Guid, ExchangeGuid,
@@ -290,9 +291,7 @@ function New-SimMailboxRecord {
         DistinguishedName             = "CN=$name,OU=$org,OU=Microsoft Exchange Hosted Organizations,$dcPart"
         OrganizationId                = "$forest/Microsoft Exchange Hosted Organizations/$org - $forest/ConfigurationUnits/$org/Configuration"
         ExchangeVersion               = '0.20 (15.0.0.0)'
-        Department                    = [string]$Spec['Department']
         Office                        = [string]$Spec['Office']
-        City                          = [string]$Spec['City']
         CustomAttribute1              = [string]$Spec['CustomAttribute1']
         CustomAttribute2              = [string]$Spec['CustomAttribute2']
         CustomAttribute3              = [string]$Spec['CustomAttribute3']
@@ -311,6 +310,8 @@ function New-SimMailboxRecord {
         WhenChanged                   = $created
         FirstName                     = [string]$Spec['FirstName']
         LastName                      = [string]$Spec['LastName']
+        Department                    = [string]$Spec['Department']
+        City                          = [string]$Spec['City']
     }
     return $record
 }
