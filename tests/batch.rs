@@ -369,7 +369,7 @@ fn the_first_sigterm_ends_a_batch_whose_workers_cannot_connect_with_143() {
     let done = child.wait_with_output().unwrap();
     let stderr = text(&done.stderr);
     assert_eq!(done.status.code(), Some(143), "{stderr}");
-    assert!(signalled.elapsed() < Duration::from_secs(40), "ended within the grace: {:?}", signalled.elapsed());
+    assert!(signalled.elapsed() < Duration::from_secs(120), "ended within the grace: {:?}", signalled.elapsed());
     let results = jsonl(&read(&output));
     assert_eq!(results.len(), 10);
     assert!(results.iter().all(|r| r["status"] == "not_run"), "{results:?}");
