@@ -183,3 +183,63 @@ fn throttling_is_retried_by_the_module_and_succeeds() {
     assert_eq!(envelope["output"][0]["Alias"], "ContosoUser3", "{envelope}");
     assert!(envelope["errors"].as_array().unwrap().is_empty(), "the module retried the 429s itself: {envelope}");
 }
+
+/// The stand-in's server.py, which also makes test tokens (`--make-token SECONDS`).
+fn server_py() -> PathBuf {
+    std::env::var_os("PSBRIDGE_EXO_FAKE_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/exo-fake"), PathBuf::from)
+        .join("server.py")
+}
+
+/// A batch long enough to outlive a token of `lifetime` seconds renewed `margin` seconds early.
+fn long_batch(env: &CliEnv, items: usize) -> (PathBuf, PathBuf) {
+    let lines: Vec<String> =
+        (0..items).map(|i| json!({"command": "Get-EXOMailbox", "parameters": {"Identity": format!("ContosoUser{}", i % 20 + 1)}}).to_string()).collect();
+    let input = env.path("reads.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    (input, env.path("reads-out.jsonl"))
+}
+
+#[test]
+fn a_token_that_expires_mid_batch_stops_it_within_seconds_with_the_expiry_named() {
+    let Some(real) = Real::find("a_token_that_expires_mid_batch_stops_it_within_seconds_with_the_expiry_named") else { return };
+    let env = real.env(r#"{ env = "EXO_TOKEN", as = "string" }"#, "token_refresh_margin_secs = 10");
+    let lifetime = Duration::from_secs(40);
+    let token = token(lifetime);
+    let renew_at = Instant::now() + lifetime - Duration::from_secs(10);
+    real.mode(json!({"latency_ms": 300}));
+    let (input, output) = long_batch(&env, 900);
+    let batch = run(&env, &token, &["batch", input.to_str().unwrap(), "-w", "3", "-o", output.to_str().unwrap()]);
+    let stopped = Instant::now();
+    real.mode(json!({"latency_ms": 0}));
+    let stderr = text(&batch.stderr);
+    assert_eq!(batch.status.code(), Some(3), "{stderr}");
+    println!("real_module: from the token's renewal time (exp - margin) to the batch's exit 3: {:?}", stopped.saturating_duration_since(renew_at));
+    let results = jsonl(&read(&output));
+    assert_eq!(results.len(), 900, "one result per item");
+    let not_run: Vec<&Value> = results.iter().filter(|r| r["status"] == "not_run").collect();
+    assert!(!not_run.is_empty(), "the token ran out before the batch did");
+    let why = not_run[0]["errors"][0]["message"].as_str().unwrap_or_default();
+    // Inside the margin ("expires at ..., within token_refresh_margin_secs") or, on a later attempt, past it.
+    let named = why.contains("token_refresh_margin_secs") || why.contains("expired at");
+    assert!(why.contains("access token from environment variable EXO_TOKEN") && named, "{why}");
+    assert!(results.iter().all(|r| r["status"] == "succeeded" || r["status"] == "not_run"), "nothing failed half-way");
+    assert_no_leak(&real, &env, &[&batch], &token);
+}
+
+#[test]
+fn a_token_from_a_command_is_renewed_and_the_batch_finishes() {
+    let Some(real) = Real::find("a_token_from_a_command_is_renewed_and_the_batch_finishes") else { return };
+    let source = format!(r#"{{ command = ["python3", "{}", "--make-token", "40"], as = "string" }}"#, server_py().display());
+    let env = real.env(&source, "token_refresh_margin_secs = 10");
+    real.mode(json!({"latency_ms": 300}));
+    let (input, output) = long_batch(&env, 900);
+    let started = Instant::now();
+    let batch = env.psbridge().args(["--profile", "real", "batch", input.to_str().unwrap(), "-w", "3", "-o", output.to_str().unwrap()]).output().unwrap();
+    real.mode(json!({"latency_ms": 0}));
+    assert_eq!(batch.status.code(), Some(0), "{}", text(&batch.stderr));
+    let results = jsonl(&read(&output));
+    assert!(results.iter().all(|r| r["status"] == "succeeded"), "every worker was replaced with a fresh token in time");
+    println!("real_module: 900 reads on 3 workers with 40 s tokens renewed from a command: {:?}", started.elapsed());
+    assert!(!real.request_log().contains("TOKEN_OUTSIDE_AUTHORIZATION_HEADER"));
+}

@@ -245,14 +245,19 @@ impl RunspaceBuilder {
     /// # Cancel safety
     /// Dropping the future kills the worker started so far; nothing is left running.
     pub async fn open(self) -> Result<Runspace> {
+        // The credentials first: when they cannot be had (an expired token, a source that fails), no
+        // process is started for nothing, and a pool's bounded attempts take milliseconds, not seconds.
+        let connection = match &self.settings.connect {
+            Some(connector) => Some(connector.connection().await.map_err(|source| Error::Credentials { source })?),
+            None => None,
+        };
         let pwsh = find_pwsh(self.settings.pwsh.as_deref())?;
         let spawn_error = |source| Error::Spawn { path: pwsh.clone(), source };
         let files = WorkerFiles::shared().map_err(spawn_error)?;
         let child = process::spawn(self.process_command(&pwsh, &files)).await.map_err(spawn_error)?;
         let mut runspace = Runspace::start(child, files, &self.settings).await?;
         runspace.setup(&self.settings).await?;
-        if let Some(connector) = &self.settings.connect {
-            let connection = connector.connection().await.map_err(|source| Error::Credentials { source })?;
+        if let Some(connection) = connection {
             runspace.connect(&connection.command, self.settings.connect_timeout).await?;
             runspace.expires_at = connection.expires_at;
         }
