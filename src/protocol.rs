@@ -258,7 +258,8 @@ pub(crate) fn decode(line: &str) -> Result<Message> {
         let completion = Completion {
             had_errors: envelope.had_errors.unwrap_or(false),
             state: envelope.state.ok_or_else(|| bad("done without state".into()))?,
-            duration: Duration::from_secs_f64(envelope.duration_ms.unwrap_or(0.0).max(0.0) / 1000.0),
+            // JSON has no NaN, but it has 1e300: saturate rather than panic the reader task.
+            duration: Duration::try_from_secs_f64(envelope.duration_ms.unwrap_or(0.0).max(0.0) / 1000.0).unwrap_or(Duration::MAX),
             exit_code: envelope.exit_code,
             native_exit_code: envelope.native_exit_code,
         };
@@ -344,6 +345,12 @@ mod tests {
         assert!(matches!(m, Message::Done(3, c) if c.exit_code == Some(5) && c.native_exit_code == Some(2)));
         let m = decode(r#"{"t":"ready","protocol":1,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":9}"#).unwrap();
         assert!(matches!(m, Message::Ready(ref i) if i.pid == 9));
+    }
+
+    #[test]
+    fn a_duration_beyond_any_clock_is_not_a_panic() {
+        let m = decode(r#"{"t":"done","id":1,"state":"Completed","had_errors":false,"duration_ms":1e300}"#).unwrap();
+        assert!(matches!(m, Message::Done(1, c) if c.duration == Duration::MAX));
     }
 
     #[test]
