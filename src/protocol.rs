@@ -369,7 +369,7 @@ mod tests {
         // Numbers parsed from text keep their text (serde_json's arbitrary_precision), as callers' JSON does.
         let plain: serde_json::Map<String, Value> = serde_json::from_str(
             r#"{"Text": "café ✓ \"quoted\" \\ back\nslash\u0001", "Int": 42, "Negative": -7, "Long": 9007199254740993,
-                "Decimal": 18446744073709551615, "Big": -1180591620717411303424, "Float": 1.5, "Exponent": 1e3,
+                "Decimal": 18446744073709551615, "Big": -1267650600228229401496703205376, "Float": 1.5, "Exponent": 1e3,
                 "On": true, "Off": false, "Nothing": null, "List": [1, "two", null, [3]],
                 "Table": {"k": "v", "Nested": {"n": 1}}}"#,
         )
