@@ -434,8 +434,9 @@ mod tests {
             target_type: Some("String".into()),
             category_info: Some(format!("ObjectNotFound: ({path}:String) [Get-Item], ItemNotFoundException")),
             target_object: Some(path.into()),
-            script_stack_trace: Some("at <ScriptBlock>, <No file>: line 1".into()),
-            position_message: Some(format!("At line:1 char:1\n+ Get-Item {path}\n+ ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~")),
+            // A command (not script text) has neither: the worker sends them empty, as captured.
+            script_stack_trace: Some(String::new()),
+            position_message: Some(String::new()),
             command: Some("Get-Item".into()),
             terminating: false,
         };
