@@ -520,6 +520,31 @@ async fn a_cancel_the_worker_ignores_kills_it_after_the_stop_grace() {
 }
 
 #[tokio::test]
+async fn late_messages_of_an_abandoned_command_are_dropped_by_id() {
+    let mut rs = fake_worker::builder().open().await.unwrap();
+    {
+        // Twenty items, then a wait: the caller reads ten and drops the stream.
+        let script: String = (1..=20).map(|i| format!("echo {i}\n")).chain(["sleep 60000".to_owned()]).collect();
+        let mut stream = rs.invoke_stream(&Command::script(script)).unwrap();
+        for expected in 1..=10 {
+            match stream.next_item().await.unwrap() {
+                Some(StreamItem::Output(o)) => assert_eq!(o.value, json!(expected)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // Sent before the abandoned command's done (and perhaps its last items) arrived.
+    let r = tokio::time::timeout(Duration::from_secs(30), rs.invoke(&Command::script("echo \"fresh\""))).await.unwrap().unwrap();
+    let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(outputs, [json!("fresh")], "no item of the abandoned command leaks into the next");
+
+    let abandoned = tokio::time::timeout(Duration::from_millis(200), rs.invoke(&Command::script("sleep 60000"))).await;
+    assert!(abandoned.is_err());
+    let r = tokio::time::timeout(Duration::from_secs(30), rs.invoke(&Command::script("echo \"next\""))).await.unwrap().unwrap();
+    assert_eq!(r.output[0].value, "next");
+}
+
+#[tokio::test]
 async fn timeout_stops_a_stoppable_command_and_keeps_the_worker() {
     let mut rs = fake_worker::builder().open().await.unwrap();
     let pid = rs.pid();
