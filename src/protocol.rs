@@ -258,7 +258,8 @@ pub(crate) fn decode(line: &str) -> Result<Message> {
         let completion = Completion {
             had_errors: envelope.had_errors.unwrap_or(false),
             state: envelope.state.ok_or_else(|| bad("done without state".into()))?,
-            duration: Duration::from_secs_f64(envelope.duration_ms.unwrap_or(0.0).max(0.0) / 1000.0),
+            // JSON has no NaN, but it has 1e300: saturate rather than panic the reader task.
+            duration: Duration::try_from_secs_f64(envelope.duration_ms.unwrap_or(0.0).max(0.0) / 1000.0).unwrap_or(Duration::MAX),
             exit_code: envelope.exit_code,
             native_exit_code: envelope.native_exit_code,
         };
@@ -344,6 +345,176 @@ mod tests {
         assert!(matches!(m, Message::Done(3, c) if c.exit_code == Some(5) && c.native_exit_code == Some(2)));
         let m = decode(r#"{"t":"ready","protocol":1,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":9}"#).unwrap();
         assert!(matches!(m, Message::Ready(ref i) if i.pid == 9));
+    }
+
+    /// The golden fixtures (see PROTOCOL.md): one line per message, in both directions.
+    const OWNER_TO_WORKER: &str = include_str!("../tests/fixtures/protocol/owner-to-worker.jsonl");
+    const WORKER_TO_OWNER: &str = include_str!("../tests/fixtures/protocol/worker-to-owner.jsonl");
+
+    /// The base64 PFX files of the fixture's certificates (a throwaway self-signed EC key, `CN=psbridge
+    /// fixture`), with the password `fixture` and without one, read from the fixture itself.
+    fn fixture_pfx(parameter: &str) -> String {
+        let invoke: Value = serde_json::from_str(OWNER_TO_WORKER.lines().nth(1).unwrap()).unwrap();
+        invoke["pipeline"][0]["parameters"][parameter]["value"].as_str().unwrap().to_owned()
+    }
+
+    /// The requests the fixture's lines were written from, in the fixture's order, encoded.
+    fn owner_messages() -> Vec<Zeroizing<Vec<u8>>> {
+        let modules = [
+            ModuleSpec { name: "ExchangeOnlineManagement".into(), minimum_version: Some("3.0".into()) },
+            ModuleSpec { name: "/opt/psbridge/modules/Contoso.Tools.psd1".into(), minimum_version: None },
+        ];
+        let variables = serde_json::json!({"Tenant": "contoso", "Limit": 5, "When": {"$psbridge": "datetime", "value": "2026-01-02T03:04:05Z"}});
+        let setup = Setup { id: 1, modules: &modules, execution_policy: Some("RemoteSigned"), variables: variables.as_object().unwrap(), depth: 4 };
+        // Numbers parsed from text keep their text (serde_json's arbitrary_precision), as callers' JSON does.
+        let plain: serde_json::Map<String, Value> = serde_json::from_str(
+            r#"{"Text": "café ✓ \"quoted\" \\ back\nslash\u0001", "Int": 42, "Negative": -7, "Long": 9007199254740993,
+                "Decimal": 18446744073709551615, "Big": -1267650600228229401496703205376, "Float": 1.5, "Exponent": 1e3,
+                "On": true, "Off": false, "Nothing": null, "List": [1, "two", null, [3]],
+                "Table": {"k": "v", "Nested": {"n": 1}}}"#,
+        )
+        .unwrap();
+        let every_kind = Command::new("Connect-Thing")
+            .params(plain)
+            .param("When", ParamValue::DateTime("2026-01-02T03:04:05Z".into()))
+            .param("WhenOffset", ParamValue::DateTime("2026-01-02T03:04:05+02:00".into()))
+            .param("Blob", ParamValue::Bytes(vec![0, 1, 2, 255]))
+            .secure_param("Password", SecretString::from("p@ss w0rd"))
+            .secret_param("Token", SecretString::from("eyJ0eXAi.fixture.token"))
+            .certificate_param("Cert", SecretString::from(fixture_pfx("Cert")), Some(SecretString::from("fixture")))
+            .certificate_param("CertNoPassword", SecretString::from(fixture_pfx("CertNoPassword")), None)
+            .pipe("Select-Object")
+            .param("First", 1)
+            .depth(6);
+        let script = Command::script("param($Name) \"Hello, $Name\"").param("Name", "world");
+        vec![
+            encode(&setup),
+            encode(&Invoke { id: 2, command: &every_kind }),
+            encode(&Invoke { id: 3, command: &script }),
+            control("cancel", Some(2)),
+            control("exit", None),
+        ]
+    }
+
+    #[test]
+    fn the_encoder_writes_the_owner_fixture_byte_for_byte() {
+        let fixture: Vec<&str> = OWNER_TO_WORKER.lines().collect();
+        let encoded = owner_messages();
+        assert_eq!(encoded.len(), fixture.len(), "one message per fixture line");
+        for (number, (line, message)) in fixture.iter().zip(&encoded).enumerate() {
+            let message = std::str::from_utf8(message).unwrap();
+            let wanted = format!("{line}\n");
+            let at = message.bytes().zip(wanted.bytes()).position(|(a, b)| a != b).unwrap_or(message.len().min(wanted.len()));
+            assert_eq!(message.len(), wanted.len(), "line {}: lengths differ; first difference at byte {at}", number + 1);
+            let window = |text: &str| text.get(at.saturating_sub(40)..(at + 40).min(text.len())).unwrap_or(text).to_owned();
+            assert!(message == wanted, "line {}, byte {at}: the encoder wrote ...{}... where the fixture has ...{}...", number + 1, window(message), window(&wanted));
+        }
+    }
+
+    /// What each line of the worker fixture must decode to, in order.
+    fn worker_messages() -> Vec<Message> {
+        let info = WorkerInfo { protocol: 1, ps_version: "7.6.9".into(), ps_edition: "Core".into(), os: "Ubuntu 24.04.2 LTS".into(), pid: 4242 };
+        let object = PsObject {
+            type_names: vec!["Psbridge.Fixture".into(), "System.Management.Automation.PSCustomObject".into(), "System.Object".into()],
+            value: serde_json::json!({"Text": "café", "Int": 42, "Big": 9007199254740993_u64, "Float": 1.5, "Bool": true, "Null": null,
+                "Utc": "2026-01-02T03:04:05Z", "Offset": "2026-01-02T03:04:05+02:00", "Bytes": "AAEC/w==", "List": [1, "two", null],
+                "Table": {"k": "v"}, "Span": "01:30:00", "Cut": "System.Collections.Hashtable"}),
+        };
+        let path = "/no/such/psbridge/file";
+        let not_found = format!("Cannot find path '{path}' because it does not exist.");
+        let error = ErrorRecord {
+            message: not_found.clone(),
+            exception_message: Some(not_found),
+            exception_type: Some("System.Management.Automation.ItemNotFoundException".into()),
+            fully_qualified_error_id: Some("PathNotFound,Microsoft.PowerShell.Commands.GetItemCommand".into()),
+            category: "ObjectNotFound".into(),
+            activity: Some("Get-Item".into()),
+            reason: Some("ItemNotFoundException".into()),
+            target_name: Some(path.into()),
+            target_type: Some("String".into()),
+            category_info: Some(format!("ObjectNotFound: ({path}:String) [Get-Item], ItemNotFoundException")),
+            target_object: Some(path.into()),
+            // A command (not script text) has neither: the worker sends them empty, as captured.
+            script_stack_trace: Some(String::new()),
+            position_message: Some(String::new()),
+            command: Some("Get-Item".into()),
+            terminating: false,
+        };
+        let information = InformationRecord {
+            message: Some("hello from Write-Host".into()),
+            source: Some("Write-Host".into()),
+            tags: vec!["PSHOST".into()],
+            time_generated: Some("2026-01-02T03:04:05.1234567+00:00".into()),
+        };
+        let progress = ProgressRecord {
+            activity: Some("Copying".into()),
+            status_description: Some("half way".into()),
+            current_operation: None,
+            activity_id: 0,
+            parent_activity_id: -1,
+            percent_complete: 50,
+            seconds_remaining: -1,
+            record_type: "Processing".into(),
+        };
+        let done = |state, had_errors, ms: f64, exit_code, native_exit_code| Completion {
+            had_errors,
+            state,
+            duration: Duration::from_secs_f64(ms / 1000.0),
+            exit_code,
+            native_exit_code,
+        };
+        vec![
+            Message::Ready(info),
+            Message::Item(2, StreamItem::Output(object)),
+            Message::Item(2, StreamItem::Output(PsObject { type_names: vec![], value: Value::Null })),
+            Message::Item(2, StreamItem::Error(Box::new(error))),
+            Message::Item(2, StreamItem::Warning("careful".into())),
+            Message::Item(2, StreamItem::Verbose("the details".into())),
+            Message::Item(2, StreamItem::Debug("the internals".into())),
+            Message::Item(2, StreamItem::Information(information)),
+            Message::Item(2, StreamItem::Progress(progress)),
+            Message::Done(2, done(PipelineState::Completed, true, 12.5, None, None)),
+            Message::Done(3, done(PipelineState::Completed, false, 3.25, Some(7), Some(2))),
+            Message::Done(4, done(PipelineState::Completed, false, 1.0, None, Some(0))),
+            Message::Done(5, done(PipelineState::Failed, true, 0.5, None, None)),
+            Message::Done(6, done(PipelineState::Failed, true, 2.0, Some(1), None)),
+            Message::Done(7, done(PipelineState::Stopped, false, 0.0, None, None)),
+            Message::Done(8, done(PipelineState::Stopped, false, 1500.75, None, Some(130))),
+            Message::Fatal(None, "unparsable request: 'x' is an invalid start of a value. LineNumber: 0 | BytePositionInLine: 0.".into()),
+            Message::Fatal(Some(9), "unknown request type 'nope'".into()),
+        ]
+    }
+
+    /// `Message` has no `PartialEq` of its own: the library never compares messages.
+    impl PartialEq for Message {
+        fn eq(&self, other: &Self) -> bool {
+            match (self, other) {
+                (Message::Ready(a), Message::Ready(b)) => {
+                    (a.protocol, &a.ps_version, &a.ps_edition, &a.os, a.pid) == (b.protocol, &b.ps_version, &b.ps_edition, &b.os, b.pid)
+                }
+                (Message::Item(a, x), Message::Item(b, y)) => a == b && x == y,
+                (Message::Done(a, x), Message::Done(b, y)) => a == b && x == y,
+                (Message::Fatal(a, x), Message::Fatal(b, y)) => a == b && x == y,
+                _ => false,
+            }
+        }
+    }
+
+    #[test]
+    fn every_worker_fixture_line_decodes_to_its_message() {
+        let fixture: Vec<&str> = WORKER_TO_OWNER.lines().collect();
+        let expected = worker_messages();
+        assert_eq!(fixture.len(), expected.len(), "one expected message per fixture line");
+        for (line, expected) in fixture.iter().zip(&expected) {
+            let decoded = decode(line).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&decoded, expected, "{line}");
+        }
+    }
+
+    #[test]
+    fn a_duration_beyond_any_clock_is_not_a_panic() {
+        let m = decode(r#"{"t":"done","id":1,"state":"Completed","had_errors":false,"duration_ms":1e300}"#).unwrap();
+        assert!(matches!(m, Message::Done(1, c) if c.duration == Duration::MAX));
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! RunspacePool against the real pwsh and the simulated module, with its EXO_SIM_* fault injection.
+//! What only the pool decides (replacing dead and hung workers, retries, the queue) runs against the
+//! fake worker instead, in milliseconds.
 
 mod common;
+mod fake_worker;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,7 +28,21 @@ fn user(i: usize) -> String {
 
 /// A pool of `n` workers on a fresh tenant; `extra` adds EXO_SIM_* settings.
 async fn pool(tenant: &Path, n: usize, extra: impl FnOnce(RunspaceBuilder) -> RunspaceBuilder) -> RunspacePool {
-    RunspacePool::builder(extra(common::sim_builder(tenant)))
+    pool_of(extra(common::sim_builder(tenant)), n).await
+}
+
+/// A pool of `n` fake workers; `extra` adds settings.
+async fn fake_pool(n: usize, extra: impl FnOnce(RunspaceBuilder) -> RunspaceBuilder) -> RunspacePool {
+    pool_of(extra(fake_worker::builder()), n).await
+}
+
+/// The fake worker's script for a command that takes `ms` and answers like `get(identity)`.
+fn fake_get(identity: &str, ms: u64) -> Command {
+    Command::script(format!("sleep {ms}\necho {}", json!({"Alias": identity}))).idempotent(true)
+}
+
+async fn pool_of(workers: RunspaceBuilder, n: usize) -> RunspacePool {
+    RunspacePool::builder(workers)
         .classifier(exo::ExchangeOnline)
         .min_workers(n)
         .max_workers(n)
@@ -75,14 +92,13 @@ async fn three_workers_run_a_thousand_mixed_commands_correctly() {
 
 #[tokio::test]
 async fn a_worker_killed_mid_command_is_replaced_and_nothing_fails() {
-    let tenant = tempfile::tempdir().unwrap();
-    let pool = pool(tenant.path(), 3, |b| b.env("EXO_SIM_LATENCY_MS", "40")).await;
+    let pool = fake_pool(3, |b| b).await;
     let victim = pool.worker_pids()[0];
     let killer = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(700)).await;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     });
-    let results = join_all((0..150).map(|i| pool.invoke(get(&user(i))))).await;
+    let results = join_all((0..150).map(|i| pool.invoke(fake_get(&user(i), 40)))).await;
     killer.await.unwrap();
     for (i, result) in results.into_iter().enumerate() {
         let result = result.unwrap_or_else(|e| panic!("command {i}: {e}"));
@@ -97,15 +113,41 @@ async fn a_worker_killed_mid_command_is_replaced_and_nothing_fails() {
 
 #[tokio::test]
 async fn a_non_idempotent_command_on_a_dead_worker_fails_clearly_and_is_not_repeated() {
-    let tenant = tempfile::tempdir().unwrap();
-    let pool = pool(tenant.path(), 1, |b| b).await;
-    let crash = Command::script("[Environment]::Exit(9)");
+    let pool = fake_pool(1, |b| b).await;
+    let crash = Command::script("crash 9");
     let error = pool.invoke(crash).await.unwrap_err();
     assert!(matches!(error, Error::WorkerExited(_)), "{error:?}");
     assert!(error.to_string().contains("exit status: 9"), "{error}");
     assert_eq!(pool.stats().counters.retries, 0, "a script is not idempotent unless marked");
     // the pool goes on with a fresh worker
-    assert_eq!(pool.invoke(get("ContosoUser1")).await.unwrap().output.len(), 1);
+    assert_eq!(pool.invoke(fake_get("ContosoUser1", 0)).await.unwrap().output.len(), 1);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn an_idempotent_command_whose_worker_died_is_run_again_on_a_fresh_one() {
+    let pool = fake_pool(1, |b| b).await;
+    let first = pool.worker_pids();
+    let marker = tempfile::tempdir().unwrap();
+    let once = format!("crash-once {}\necho \"survived\"", marker.path().join("crashed").display());
+    let r = pool.invoke(Command::script(once).idempotent(true)).await.unwrap();
+    assert_eq!(r.output[0].value, "survived");
+    assert_eq!(r.attempts, 2, "{r:?}");
+    let counters = pool.stats().counters;
+    assert_eq!((counters.retries, counters.failures), (1, 0), "{counters:?}");
+    assert_ne!(pool.worker_pids(), first, "on a new process");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn throttled_commands_are_retried_until_the_service_lets_them_through() {
+    let pool = fake_pool(1, |b| b).await;
+    // The fake worker fails the first two with Exchange Online's HTTP 429, as the service does.
+    let r = pool.invoke(Command::script("throttle 2\necho \"through\"")).await.unwrap();
+    assert!(r.succeeded(), "{r:?}");
+    assert_eq!(r.output[0].value, "through");
+    assert_eq!(r.attempts, 3);
+    assert_eq!(pool.stats().counters.retries, 2);
     pool.close().await;
 }
 
@@ -232,14 +274,14 @@ async fn token_expiry_replaces_workers_and_nothing_fails() {
 
 #[tokio::test]
 async fn a_hanging_command_times_out_and_its_worker_is_replaced() {
-    let tenant = tempfile::tempdir().unwrap();
-    let pool = pool(tenant.path(), 2, |b| b.env("EXO_SIM_HANG_ON", "ContosoUser5").stop_grace(Duration::from_secs(1))).await;
+    let pool = fake_pool(2, |b| b.stop_grace(Duration::from_secs(1))).await;
     let before = pool.worker_pids();
-    let error = pool.invoke(get("ContosoUser5").timeout(Duration::from_secs(2))).await.unwrap_err();
+    let hang = Command::script("hang").idempotent(true).timeout(Duration::from_secs(2));
+    let error = pool.invoke(hang).await.unwrap_err();
 
     assert!(matches!(error, Error::Timeout { worker_killed: true, .. }), "{error:?}");
     for i in 10..20 {
-        assert!(!pool.invoke(get(&user(i))).await.unwrap().had_errors);
+        assert!(!pool.invoke(fake_get(&user(i), 0)).await.unwrap().had_errors);
     }
     // The replacement starts in the background while the other worker serves.
     let mut after = pool.worker_pids();
@@ -312,8 +354,7 @@ async fn the_pool_grows_under_load_and_shrinks_when_idle() {
 
 #[tokio::test]
 async fn a_full_queue_and_a_long_wait_are_clear_errors() {
-    let tenant = tempfile::tempdir().unwrap();
-    let pool = RunspacePool::builder(common::sim_builder(tenant.path()))
+    let pool = RunspacePool::builder(fake_worker::builder())
         .min_workers(1)
         .max_workers(1)
         .queue_capacity(1)
@@ -322,12 +363,12 @@ async fn a_full_queue_and_a_long_wait_are_clear_errors() {
         .await
         .unwrap();
     let busy = pool.clone();
-    let running = tokio::spawn(async move { busy.invoke(Command::script("Start-Sleep -Seconds 3; 'done'")).await });
+    let running = tokio::spawn(async move { busy.invoke(Command::script("sleep 3000\necho \"done\"")).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let waiting = pool.clone();
-    let queued = tokio::spawn(async move { waiting.invoke(Command::script("'queued'")).await });
+    let queued = tokio::spawn(async move { waiting.invoke(Command::script("echo \"queued\"")).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let full = pool.try_invoke(Command::script("'no room'")).await.unwrap_err();
+    let full = pool.try_invoke(Command::script("echo \"no room\"")).await.unwrap_err();
     assert!(matches!(full, Error::QueueFull { capacity: 1 }), "{full:?}");
     assert!(matches!(queued.await.unwrap(), Err(Error::WaitTimeout(_))));
     assert_eq!(running.await.unwrap().unwrap().output[0].value, "done");

@@ -1,6 +1,9 @@
 //! The Runspace against the real pwsh, without Exchange: streams, errors, values, safety, lifetime.
+//! What only the bridge decides (timeouts, kills, crash reports, protocol violations) runs against the
+//! fake worker instead, in milliseconds.
 
 mod common;
+mod fake_worker;
 
 use std::time::Duration;
 
@@ -480,30 +483,92 @@ async fn dropping_an_invocation_stops_it_and_the_next_command_is_not_confused() 
 }
 
 #[tokio::test]
-async fn timeout_stops_a_stoppable_command_and_keeps_the_worker() {
-    let mut rs = common::plain().await;
+async fn a_cancel_the_worker_honours_keeps_the_worker() {
+    let mut rs = fake_worker::builder().open().await.unwrap();
     let pid = rs.pid();
-    let r = rs.invoke(&Command::script("Start-Sleep -Seconds 60").timeout(Duration::from_secs(1))).await;
+    let cancel = rs.cancel_handle();
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(cancel.cancel(), "a command was running");
+    });
+    let r = rs.invoke(&Command::script("echo \"before\"\nsleep 60000\necho \"after\"")).await;
+    assert!(matches!(r, Err(Error::Cancelled { worker_killed: false })), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let r = rs.invoke(&Command::script("echo \"alive\"")).await.unwrap();
+    assert_eq!(r.output[0].value, "alive", "the stopped command's items are not the next one's");
+    assert_eq!(rs.pid(), pid);
+    assert!(!rs.cancel_handle().cancel(), "nothing is running now");
+}
+
+#[tokio::test]
+async fn a_cancel_the_worker_ignores_kills_it_after_the_stop_grace() {
+    let mut rs = fake_worker::builder().stop_grace(Duration::from_millis(500)).open().await.unwrap();
+    let pid = rs.pid();
+    let cancel = rs.cancel_handle();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cancel.cancel();
+    });
+    let r = rs.invoke(&Command::script("hang")).await;
+    assert!(matches!(r, Err(Error::Cancelled { worker_killed: true })), "{r:?}");
+    assert!(common::gone_within(pid, Duration::from_secs(10)).await, "the worker process is gone");
+    match rs.invoke(&Command::script("echo 1")).await.unwrap_err() {
+        Error::WorkerExited(exit) => assert!(exit.killed_by_bridge.as_deref().unwrap().contains("cancelled command did not stop")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn late_messages_of_an_abandoned_command_are_dropped_by_id() {
+    let mut rs = fake_worker::builder().open().await.unwrap();
+    {
+        // Twenty items, then a wait: the caller reads ten and drops the stream.
+        let script: String = (1..=20).map(|i| format!("echo {i}\n")).chain(["sleep 60000".to_owned()]).collect();
+        let mut stream = rs.invoke_stream(&Command::script(script)).unwrap();
+        for expected in 1..=10 {
+            match stream.next_item().await.unwrap() {
+                Some(StreamItem::Output(o)) => assert_eq!(o.value, json!(expected)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // Sent before the abandoned command's done (and perhaps its last items) arrived.
+    let r = tokio::time::timeout(Duration::from_secs(30), rs.invoke(&Command::script("echo \"fresh\""))).await.unwrap().unwrap();
+    let outputs: Vec<_> = r.output.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(outputs, [json!("fresh")], "no item of the abandoned command leaks into the next");
+
+    let abandoned = tokio::time::timeout(Duration::from_millis(200), rs.invoke(&Command::script("sleep 60000"))).await;
+    assert!(abandoned.is_err());
+    let r = tokio::time::timeout(Duration::from_secs(30), rs.invoke(&Command::script("echo \"next\""))).await.unwrap().unwrap();
+    assert_eq!(r.output[0].value, "next");
+}
+
+#[tokio::test]
+async fn timeout_stops_a_stoppable_command_and_keeps_the_worker() {
+    let mut rs = fake_worker::builder().open().await.unwrap();
+    let pid = rs.pid();
+    let r = rs.invoke(&Command::script("sleep 60000").timeout(Duration::from_secs(1))).await;
     assert!(matches!(r, Err(Error::Timeout { worker_killed: false, .. })), "{r:?}");
     let message = r.unwrap_err().to_string();
     assert!(message.contains("<script> timed out after 1 s") && message.contains("worker was kept"), "{message}");
-    let r = rs.invoke(&Command::script("'alive'")).await.unwrap();
+    let r = rs.invoke(&Command::script("echo \"alive\"")).await.unwrap();
     assert_eq!(r.output[0].value, "alive");
     assert_eq!(rs.pid(), pid);
 }
 
 #[tokio::test]
 async fn timeout_kills_a_worker_that_cannot_stop() {
-    let mut rs = common::builder().stop_grace(Duration::from_secs(1)).open().await.unwrap();
+    let mut rs = fake_worker::builder().stop_grace(Duration::from_secs(1)).open().await.unwrap();
     let pid = rs.pid();
-    // A .NET call that PowerShell's Stop() cannot interrupt.
-    let hang = Command::script("[System.Threading.Thread]::Sleep(600000)").timeout(Duration::from_secs(1));
+    // Ignores the cancel, as a .NET call that PowerShell's Stop() cannot interrupt does.
+    let hang = Command::script("hang").timeout(Duration::from_secs(1));
     let r = rs.invoke(&hang).await;
     let error = r.unwrap_err();
     assert!(matches!(error, Error::Timeout { worker_killed: true, .. }), "{error:?}");
     assert!(error.to_string().contains("worker was killed"), "{error}");
     assert!(common::gone_within(pid, Duration::from_secs(10)).await, "the worker process is gone");
-    let later = rs.invoke(&Command::script("1")).await.unwrap_err();
+    let later = rs.invoke(&Command::script("echo 1")).await.unwrap_err();
     match later {
         Error::WorkerExited(exit) => assert!(exit.killed_by_bridge.as_deref().unwrap().contains("timed out")),
         other => panic!("{other:?}"),
@@ -512,8 +577,8 @@ async fn timeout_kills_a_worker_that_cannot_stop() {
 
 #[tokio::test]
 async fn a_crashed_worker_is_reported_with_status_and_stderr_on_every_call() {
-    let mut rs = common::plain().await;
-    let crash = Command::script("[Console]::Error.WriteLine('last words before the crash'); [Environment]::Exit(37)");
+    let mut rs = fake_worker::builder().open().await.unwrap();
+    let crash = Command::script("crash 37 last words before the crash");
     let error = rs.invoke(&crash).await.unwrap_err();
     let Error::WorkerExited(exit) = &error else { panic!("{error:?}") };
     assert_eq!(exit.status.and_then(|s| s.code()), Some(37));
@@ -522,8 +587,23 @@ async fn a_crashed_worker_is_reported_with_status_and_stderr_on_every_call() {
     let text = error.to_string();
     assert!(text.contains("37") && text.contains("last words"), "{text}");
     for _ in 0..2 {
-        let again = rs.invoke(&Command::script("1")).await.unwrap_err();
+        let again = rs.invoke(&Command::script("echo 1")).await.unwrap_err();
         assert_eq!(again.to_string(), text, "the cached exit is reported again");
+    }
+}
+
+#[tokio::test]
+async fn a_protocol_violation_kills_the_worker_and_is_reported_on_every_call() {
+    let mut rs = fake_worker::builder().open().await.unwrap();
+    let pid = rs.pid();
+    let error = rs.invoke(&Command::script("echo 1\ngarbage\nsleep 60000")).await.unwrap_err();
+    assert!(matches!(error, Error::ProtocolViolation(_)), "{error:?}");
+    let text = error.to_string();
+    assert!(text.contains("this is not a protocol message"), "the line is named: {text}");
+    assert!(common::gone_within(pid, Duration::from_secs(10)).await, "nothing it says can be trusted: it was killed");
+    for _ in 0..2 {
+        let again = rs.invoke(&Command::script("echo 1")).await.unwrap_err();
+        assert_eq!(again.to_string(), text, "the violation is reported again");
     }
 }
 
@@ -650,12 +730,12 @@ async fn a_worker_of_another_protocol_version_is_refused() {
 
 #[tokio::test]
 async fn an_over_long_line_fails_that_command_only() {
-    let mut rs = common::builder().max_line_length(10_000).open().await.unwrap();
-    let r = rs.invoke(&Command::script("'x' * 50000")).await;
+    let mut rs = fake_worker::builder().max_line_length(10_000).open().await.unwrap();
+    let r = rs.invoke(&Command::script("long 50000")).await;
     let error = r.unwrap_err();
     assert!(matches!(error, Error::ProtocolViolation(_)), "{error:?}");
     assert!(error.to_string().contains("max_line_length"), "{error}");
-    let r = rs.invoke(&Command::script("'x' * 5000")).await.unwrap();
+    let r = rs.invoke(&Command::script("long 5000")).await.unwrap();
     assert_eq!(r.output[0].value.as_str().unwrap().len(), 5000, "the worker goes on, in step");
 }
 

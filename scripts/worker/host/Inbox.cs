@@ -94,7 +94,8 @@ namespace PsBridge
             }
         }
 
-        private static Request Parse(byte[] line)
+        /// <summary>Parses one request line (public for tests/protocol_fixtures.rs, which feeds it the golden fixture).</summary>
+        public static Request Parse(byte[] line)
         {
             // Parsed from the UTF-8 bytes as they came: a request holding a 50 MB parameter is not also
             // decoded into a 100 MB UTF-16 line first. The document keeps using the array.
