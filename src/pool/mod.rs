@@ -1,10 +1,11 @@
 //! [`RunspacePool`]: a supervised pool of connected pwsh workers.
 //!
 //! Microsoft's Sample 2 opens a RunspacePool of three runspaces in one process, connects each and runs
-//! cmdlets with BeginInvoke/EndInvoke. Exchange's connection state is per process, so in that pool
-//! only one runspace really ends up connected; here every worker is a process of its own, and the pool
-//! also replaces dead workers, recycles old ones, reconnects expired sessions, retries throttling and
-//! keeps commands on the same object in order.
+//! cmdlets with BeginInvoke/EndInvoke. ExchangeOnlineManagement's connections are process-wide while its
+//! tmpEXO_ cmdlets exist only in the runspace that connected, and memory grows by about 200 MB per
+//! connect; here every worker is a process of its own, and the pool also replaces dead workers, recycles
+//! old ones, replaces workers whose credentials expired with freshly connected ones, retries what its
+//! classifier calls throttling and keeps commands on the same object in order.
 
 mod queue;
 mod stats;
@@ -415,8 +416,8 @@ impl RunspacePool {
 
     /// Runs a command on the next free worker and returns everything it produced.
     ///
-    /// Throttled commands are retried with backoff; an expired session is reconnected and the command
-    /// retried once; an idempotent command whose worker died is retried on a fresh worker. Errors the
+    /// Throttled commands are retried with backoff; a worker whose credentials expired is replaced and
+    /// the command retried once; an idempotent command whose worker died is retried on a fresh worker. Errors the
     /// command reports are data (`had_errors`), as with [`Runspace::invoke`].
     ///
     /// # Cancel safety

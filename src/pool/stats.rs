@@ -49,7 +49,8 @@ pub struct Counters {
     pub restarts: u64,
     /// Runspaces replaced by the recycling policy.
     pub recycles: u64,
-    /// Connect commands run again after a token expired or the connection broke.
+    /// Workers replaced by freshly connected ones because their credentials expired (or were about to)
+    /// or their health check failed.
     pub reconnects: u64,
 }
 
