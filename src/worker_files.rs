@@ -12,6 +12,7 @@ pub(crate) const HOST_SOURCES: &[(&str, &str)] = &[
     ("Inbox.cs", include_str!("../scripts/worker/host/Inbox.cs")),
     ("Protocol.cs", include_str!("../scripts/worker/host/Protocol.cs")),
     ("Serializer.cs", include_str!("../scripts/worker/host/Serializer.cs")),
+    ("Usings.cs", include_str!("../scripts/worker/host/Usings.cs")),
     ("Values.cs", include_str!("../scripts/worker/host/Values.cs")),
 ];
 

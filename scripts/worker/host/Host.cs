@@ -1,26 +1,5 @@
 // psbridge worker host: the non-interactive PowerShell host of the session.
 
-using System;
-using System.Buffers;
-using System.Collections;
-using System.Collections.Concurrent;
-using System.Collections.Generic;
-using System.Collections.ObjectModel;
-using System.Diagnostics;
-using System.Globalization;
-using System.IO;
-using System.Management.Automation;
-using System.Management.Automation.Host;
-using System.Management.Automation.Runspaces;
-using System.Runtime.InteropServices;
-using System.Security;
-using System.Text;
-using System.Text.Encodings.Web;
-using System.Text.Json;
-using System.Threading;
-using Microsoft.PowerShell.Commands;
-using Microsoft.Win32.SafeHandles;
-
 namespace PsBridge
 {
     /// <summary>

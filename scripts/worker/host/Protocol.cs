@@ -13,27 +13,6 @@
 //
 // This file: the protocol stream and the guard that keeps stdin and stdout for it.
 
-using System;
-using System.Buffers;
-using System.Collections;
-using System.Collections.Concurrent;
-using System.Collections.Generic;
-using System.Collections.ObjectModel;
-using System.Diagnostics;
-using System.Globalization;
-using System.IO;
-using System.Management.Automation;
-using System.Management.Automation.Host;
-using System.Management.Automation.Runspaces;
-using System.Runtime.InteropServices;
-using System.Security;
-using System.Text;
-using System.Text.Encodings.Web;
-using System.Text.Json;
-using System.Threading;
-using Microsoft.PowerShell.Commands;
-using Microsoft.Win32.SafeHandles;
-
 namespace PsBridge
 {
     /// <summary>Owns the protocol stream: the only writer of protocol lines.</summary>
