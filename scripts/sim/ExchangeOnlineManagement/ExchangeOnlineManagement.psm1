@@ -1,7 +1,7 @@
 # ExchangeOnlineManagement.psm1 - SIMULATION of the ExchangeOnlineManagement module (EXO V3, REST)
 # for the psbridge tests. Real Exchange Online cannot be reached from the test machines, so this module
 # copies what the real one shows a caller: command names, parameters, output objects, warnings, error
-# texts and error shapes (see /work/shared/docs/exo-module-behaviour.md). It keeps a "tenant" in a
+# texts and error shapes, as observed on the real 3.9.0 and listed in ../README.md. It keeps a "tenant" in a
 # folder shared by all processes (Private/SimStore.ps1).
 #
 # As in the real module:
