@@ -669,3 +669,32 @@ async fn a_timeout_after_the_credentials_expired_names_them_as_the_likely_cause(
     assert!(error.to_string().contains("credentials had expired at"), "{error}");
     rs.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_worker_that_cannot_be_renewed_gives_its_job_back_instead_of_failing_it() {
+    let tenant = tempfile::tempdir().unwrap();
+    // Credentials live 8 s and are renewed 4.5 s early. The first worker opens at once; the second, grown
+    // under load, opens a second or two later, so the first is due for renewal while the second still
+    // works. The token source works for those two connects and then refuses.
+    let (builder, calls) = counting(tenant.path(), 3, Some(Duration::from_secs(8)));
+    let pool = RunspacePool::builder(builder.env("EXO_SIM_LATENCY_MS", "300"))
+        .refresh_margin(Duration::from_millis(4500))
+        .restart_backoff(Duration::from_millis(20), Duration::from_millis(50))
+        .connect_attempts(2)
+        .min_workers(1)
+        .max_workers(2)
+        .build()
+        .await
+        .unwrap();
+    let results = join_all((0..40).map(|i| pool.invoke(get(&user(i))))).await;
+    assert!(calls.load(Ordering::SeqCst) >= 3, "a renewal was tried");
+    for result in results {
+        match result {
+            Ok(r) => assert!(r.succeeded(), "{:?}", r.errors),
+            // Never the credentials error of one slot: the job it could not begin went back to the queue,
+            // and only once no worker was left did the pool fail what was still waiting.
+            Err(error) => assert!(matches!(error, Error::WorkersUnavailable { .. }), "{error}"),
+        }
+    }
+    pool.close().await;
+}

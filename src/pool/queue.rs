@@ -76,6 +76,13 @@ impl Queue {
         self.jobs.push_back(job);
     }
 
+    /// Gives back a job a worker took but could not begin: first in line again, its key free, so that it
+    /// still runs before later jobs of the same key.
+    pub(crate) fn give_back(&mut self, job: Job) {
+        self.release(job.command.key_str());
+        self.jobs.push_front(job);
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.jobs.len()
     }

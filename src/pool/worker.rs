@@ -111,6 +111,18 @@ pub(crate) async fn run(shared: Arc<PoolShared>, slot: Arc<Slot>, initial: Optio
                 check_health(&shared, &slot, &mut runspace).await;
             }
             refresh_if_expiring(&shared, &slot, &mut runspace);
+            if runspace.is_none() {
+                // Replaced just now (credentials about to expire, a failed health check): open the new one
+                // before the job is begun, so that a slot that cannot gives the job back instead of failing
+                // a command that never ran.
+                match open_worker(&shared, &slot).await {
+                    Ok(fresh) => runspace = Some(fresh),
+                    Err(_) => {
+                        give_back(&shared, job).await;
+                        break;
+                    }
+                }
+            }
             let key = job.command.key_str().map(str::to_owned);
             let enqueued = job.enqueued;
             let queue_wait = enqueued.elapsed();
@@ -219,6 +231,26 @@ async fn open_worker(shared: &PoolShared, slot: &Slot) -> Result<Runspace> {
             () = closing, if !shared.closed.load(Ordering::SeqCst) => {}
         }
         delay = (delay * 2).min(max);
+    }
+}
+
+/// Returns a job no worker began to the front of the queue for another worker, or fails it with the
+/// pool's error when the pool gave up. Checked and queued under the queue's lock: the pool gives up by
+/// marking itself broken and then draining the queue under that lock, so the job is never left behind.
+async fn give_back(shared: &PoolShared, job: Job) {
+    let refused = {
+        let mut queue = lock(&shared.queue);
+        match shared.unavailable() {
+            Some(error) => Some((job, error)),
+            None => {
+                queue.give_back(job);
+                None
+            }
+        }
+    };
+    match refused {
+        Some((job, error)) => job.reply.fail(error).await,
+        None => shared.work.notify_waiters(),
     }
 }
 

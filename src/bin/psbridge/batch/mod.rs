@@ -698,8 +698,9 @@ impl Batch {
         command
     }
 
-    /// Journals and writes one item's result. An item that never began because no worker could be started
-    /// and connected is `not_run` with the reason, and stops the batch.
+    /// Journals and writes one item's result. An item the pool failed because no worker could be started
+    /// and connected is `not_run` with the reason (it did not run on this attempt; it gets no finish record,
+    /// so a rerun runs it, marked resumed_in_flight when its start was journalled), and stops the batch.
     fn finish(
         &mut self,
         ticket: Ticket,
@@ -707,9 +708,7 @@ impl Batch {
         tally: &mut Tally,
         progress: &mut Progress,
     ) -> Result<(), Stop> {
-        if let Err(error @ psbridge::Error::WorkersUnavailable { .. }) = &outcome
-            && ticket.began.get().is_none()
-        {
+        if let Err(error @ psbridge::Error::WorkersUnavailable { .. }) = &outcome {
             let message = error.to_string();
             self.emit_not_run(ticket.record, Some(&message), tally, progress)?;
             return Err(Stop::Workers(message));
