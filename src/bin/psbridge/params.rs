@@ -96,7 +96,7 @@ fn parse(bytes: &[u8], what: &str) -> Result<Map<String, Value>, CliError> {
 }
 
 /// A JSON value's kind, for messages (never the value itself: it may be huge, or private).
-fn kind(value: &Value) -> &'static str {
+pub fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -198,14 +198,5 @@ impl Identities {
     }
 }
 
-/// What a value is, for messages.
-pub fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
+/// What a value is, for messages: the same words as `--params` uses.
+pub use crate::params::kind;
