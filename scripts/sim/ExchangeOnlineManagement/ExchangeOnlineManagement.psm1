@@ -904,44 +904,25 @@ function Set-Mailbox {
         $description = 'Setting mailbox "{0}".' -f $target.Identity
         if (-not $PSCmdlet.ShouldProcess($description, "Are you sure you want to perform this action?`n$description", 'Confirm')) { return }
 
-        $start = [DateTime]::UtcNow
-        Invoke-SimLatency
-        $file = Get-SimMailboxFile -Layout $tenant.Layout -Alias $target.Alias
-        $changed = $false
-        $lock = Enter-SimFileLock -Path ([IO.Path]::Combine($tenant.Layout.Locks, $target.Alias.ToLowerInvariant() + '.lock'))
-        try {
-            # Read-modify-write under the mailbox's lock: concurrent writers never lose an update.
-            $current = Read-SimMailboxFile -File $file
-            if ($null -eq $current) {
-                Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $tenant.Info -Identity $Identity)
-                return
+        # The EmailAddresses change, if one was given: whether it changed the record. The block runs inside
+        # Update-SimMailboxRecord, whose own $PSCmdlet and $PSBoundParameters would shadow ours: what it
+        # needs of this command is taken here.
+        $setMailbox = $PSCmdlet
+        $addressChange = if ($PSBoundParameters.ContainsKey('EmailAddresses')) { $EmailAddresses } else { $null }
+        $applyAddresses = {
+            param($current)
+            if ($null -eq $addressChange) { return $false }
+            $addresses = Merge-SimEmailAddress -Current @($current.EmailAddresses) -Change $addressChange
+            if ($null -eq $addresses) {
+                $setMailbox.ThrowTerminatingError((New-SimServerError -TenantInfo $tenant.Info -StringId 'Ex2C6D0E' -Class 'Microsoft.Exchange.Data.DataValidationException' `
+                            -Text 'The EmailAddresses change leaves the mailbox without a valid primary SMTP address.' -Activity 'Set-Mailbox' -TargetObject $Identity))
             }
-            $changed = Set-SimRecordProperty -Record $current -Changes $changes
-            if ($PSBoundParameters.ContainsKey('EmailAddresses')) {
-                $addresses = Merge-SimEmailAddress -Current @($current.EmailAddresses) -Change $EmailAddresses
-                if ($null -eq $addresses) {
-                    $PSCmdlet.ThrowTerminatingError((New-SimServerError -TenantInfo $tenant.Info -StringId 'Ex2C6D0E' -Class 'Microsoft.Exchange.Data.DataValidationException' `
-                                -Text 'The EmailAddresses change leaves the mailbox without a valid primary SMTP address.' -Activity 'Set-Mailbox' -TargetObject $Identity))
-                }
-                if ((@($current.EmailAddresses) -join "`n") -cne ($addresses -join "`n")) {
-                    $current.EmailAddresses = $addresses
-                    $current.PrimarySmtpAddress = ($addresses | Where-Object { $_.StartsWith('SMTP:', [StringComparison]::Ordinal) } | Select-Object -First 1).Substring(5)
-                    $changed = $true
-                }
-            }
-            if ($changed) {
-                $current.WhenChanged = [DateTime]::UtcNow
-                Write-SimFileAtomic -Path $file -Text (ConvertTo-SimJson -InputObject $current)
-            }
+            if ((@($current.EmailAddresses) -join "`n") -ceq ($addresses -join "`n")) { return $false }
+            $current.EmailAddresses = $addresses
+            $current.PrimarySmtpAddress = ($addresses | Where-Object { $_.StartsWith('SMTP:', [StringComparison]::Ordinal) } | Select-Object -First 1).Substring(5)
+            $true
         }
-        finally {
-            $lock.Dispose()
-        }
-        $end = [DateTime]::UtcNow
-        Add-SimAuditEntry -Layout $tenant.Layout -Cmdlet 'Set-Mailbox' -Identity $Identity -Start $start -End $end
-        if (-not $changed) {
-            Write-Warning ("The command completed successfully but no settings of '{0}' have been modified." -f $current.Identity)
-        }
+        Update-SimMailboxRecord -Tenant $tenant -Target $target -Identity $Identity -Cmdlet 'Set-Mailbox' -Changes $changes -Also $applyAddresses
     }
 }
 
@@ -978,30 +959,52 @@ function Set-User {
         $description = 'Setting user "{0}".' -f $target.Identity
         if (-not $PSCmdlet.ShouldProcess($description, "Are you sure you want to perform this action?`n$description", 'Confirm')) { return }
 
-        $start = [DateTime]::UtcNow
-        Invoke-SimLatency
-        $file = Get-SimMailboxFile -Layout $tenant.Layout -Alias $target.Alias
-        $changed = $false
-        $lock = Enter-SimFileLock -Path ([IO.Path]::Combine($tenant.Layout.Locks, $target.Alias.ToLowerInvariant() + '.lock'))
-        try {
-            $current = Read-SimMailboxFile -File $file
-            if ($null -eq $current) {
-                Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $tenant.Info -Identity $Identity -Activity 'Set-User')
-                return
-            }
-            $changed = Set-SimRecordProperty -Record $current -Changes $changes
-            if ($changed) {
-                $current.WhenChanged = [DateTime]::UtcNow
-                Write-SimFileAtomic -Path $file -Text (ConvertTo-SimJson -InputObject $current)
-            }
+        Update-SimMailboxRecord -Tenant $tenant -Target $target -Identity $Identity -Cmdlet 'Set-User' -Changes $changes -NotFoundActivity 'Set-User'
+    }
+}
+
+function Update-SimMailboxRecord {
+    <#
+        The write path Set-Mailbox and Set-User share. Under the mailbox's lock (read-modify-write:
+        concurrent writers never lose an update) it reads the record, applies $Changes and whatever $Also
+        changes (a script block given the record, returning whether it changed it), and writes the record
+        back when anything changed; then it audits the write and warns, as the real module does, when
+        nothing changed. The latency is inside the audited window.
+    #>
+    [CmdletBinding()]
+    param(
+        [Parameter(Mandatory)]$Tenant,
+        [Parameter(Mandatory)]$Target,
+        [Parameter(Mandatory)][string]$Identity,
+        [Parameter(Mandatory)][string]$Cmdlet,
+        [Parameter(Mandatory)][Collections.IDictionary]$Changes,
+        [scriptblock]$Also,
+        [string]$NotFoundActivity = 'Get-Recipient'
+    )
+    $start = [DateTime]::UtcNow
+    Invoke-SimLatency
+    $file = Get-SimMailboxFile -Layout $Tenant.Layout -Alias $Target.Alias
+    $changed = $false
+    $lock = Enter-SimFileLock -Path ([IO.Path]::Combine($Tenant.Layout.Locks, $Target.Alias.ToLowerInvariant() + '.lock'))
+    try {
+        $current = Read-SimMailboxFile -File $file
+        if ($null -eq $current) {
+            Write-ErrorMessage -ErrorRecord (New-SimNotFoundError -TenantInfo $Tenant.Info -Identity $Identity -Activity $NotFoundActivity)
+            return
         }
-        finally {
-            $lock.Dispose()
+        $changed = Set-SimRecordProperty -Record $current -Changes $Changes
+        if ($Also -and (& $Also $current)) { $changed = $true }
+        if ($changed) {
+            $current.WhenChanged = [DateTime]::UtcNow
+            Write-SimFileAtomic -Path $file -Text (ConvertTo-SimJson -InputObject $current)
         }
-        Add-SimAuditEntry -Layout $tenant.Layout -Cmdlet 'Set-User' -Identity $Identity -Start $start -End ([DateTime]::UtcNow)
-        if (-not $changed) {
-            Write-Warning ("The command completed successfully but no settings of '{0}' have been modified." -f $current.Identity)
-        }
+    }
+    finally {
+        $lock.Dispose()
+    }
+    Add-SimAuditEntry -Layout $Tenant.Layout -Cmdlet $Cmdlet -Identity $Identity -Start $start -End ([DateTime]::UtcNow)
+    if (-not $changed) {
+        Write-Warning ("The command completed successfully but no settings of '{0}' have been modified." -f $current.Identity)
     }
 }
 
