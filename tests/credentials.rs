@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -206,21 +205,8 @@ fn doctor_shows_a_tokens_expiry_tenant_and_audience_and_never_the_token() {
 /// A password-protected PFX made by the simulation's helper, as base64 (the file is removed: only the
 /// text remains, as in a CI secret).
 fn pfx_base64(env: &CliEnv, password: &str) -> String {
-    let pfx: PathBuf = env.path("ci.pfx");
-    let password_file = env.path("pfx-password.txt");
-    std::fs::write(&password_file, password).unwrap();
-    let made = std::process::Command::new(psbridge::find_pwsh(None).expect("pwsh"))
-        .args(["-NoLogo", "-NoProfile", "-NonInteractive", "-File"])
-        .arg(common::sim_modules().join("New-SimCertificate.ps1"))
-        .arg("-Path")
-        .arg(&pfx)
-        .arg("-PasswordFile")
-        .arg(&password_file)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", text(&made.stderr));
+    let pfx = env.certificate(password, 365);
     let encoded = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&pfx).unwrap());
-    std::fs::remove_file(password_file).unwrap();
     std::fs::remove_file(pfx).unwrap();
     encoded
 }

@@ -4,39 +4,13 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use assert_cmd::Command;
 use common::cli::{CliEnv, jsonl, text};
 use serde_json::Value;
 
 const APP_ID: &str = "11111111-2222-3333-4444-555555555555";
-
-/// A password-protected PFX made by the simulation's helper; returns its path.
-fn certificate(env: &CliEnv, password: &str) -> PathBuf {
-    certificate_expiring(env, password, 365)
-}
-
-fn certificate_expiring(env: &CliEnv, password: &str, days: i32) -> PathBuf {
-    let pfx = env.path(&format!("app{days}.pfx"));
-    let password_file = env.path("pfx-password.txt");
-    std::fs::write(&password_file, password).unwrap();
-    let pwsh = psbridge::find_pwsh(None).expect("pwsh");
-    let made = std::process::Command::new(pwsh)
-        .args(["-NoLogo", "-NoProfile", "-NonInteractive", "-File"])
-        .arg(common::sim_modules().join("New-SimCertificate.ps1"))
-        .arg("-Path")
-        .arg(&pfx)
-        .arg("-PasswordFile")
-        .arg(&password_file)
-        .arg("-ExpiresInDays")
-        .arg(days.to_string())
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", text(&made.stderr));
-    std::fs::remove_file(password_file).unwrap();
-    pfx
-}
 
 /// A `cert` profile: certificate sign-in with the password from `source` (TOML inline table).
 fn cert_profile(env: &CliEnv, pfx: &Path, source: &str) -> String {
@@ -67,7 +41,7 @@ fn assert_secret_absent(output: &std::process::Output, secret: &str) {
 fn a_certificate_password_from_a_private_file_connects_and_never_shows() {
     let password = "Pfx-Pw-7q2Lr9-SecretValue";
     let env = CliEnv::new("");
-    let pfx = certificate(&env, password);
+    let pfx = env.certificate(password, 365);
     let secret_file = env.path("exo-password");
     std::fs::write(&secret_file, format!("{password}\n")).unwrap();
     std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -109,7 +83,7 @@ fn a_certificate_password_from_a_private_file_connects_and_never_shows() {
 #[test]
 fn doctor_explains_a_wrong_certificate_password_without_showing_it() {
     let env = CliEnv::new("");
-    let pfx = certificate(&env, "the-right-one-8k2");
+    let pfx = env.certificate("the-right-one-8k2", 365);
     env.write_config(&cert_profile(&env, &pfx, r#"{ env = "EXO_TEST_CERT_PASSWORD" }"#));
     let wrong = "Wrong-Pw-3xZ9-NotIt";
     let doctor = env.psbridge().args(["doctor", "--profile", "cert"]).env("EXO_TEST_CERT_PASSWORD", wrong).output().unwrap();
@@ -123,7 +97,7 @@ fn doctor_explains_a_wrong_certificate_password_without_showing_it() {
 
     // An expired certificate, and one about to expire.
     for (days, mark, wanted) in [(-2, "FAIL", ": expired"), (10, "warn", "expires in")] {
-        let pfx = certificate_expiring(&env, "the-right-one-8k2", days);
+        let pfx = env.certificate("the-right-one-8k2", days);
         env.write_config(&cert_profile(&env, &pfx, r#"{ env = "EXO_TEST_CERT_PASSWORD" }"#));
         let doctor = env.psbridge().args(["doctor", "--profile", "cert", "--offline"]).env("EXO_TEST_CERT_PASSWORD", "the-right-one-8k2").output().unwrap();
         let report = text(&doctor.stdout);

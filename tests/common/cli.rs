@@ -81,6 +81,28 @@ max_delay_ms = 50
         self.psbridge().args(args).output().unwrap()
     }
 
+    /// A password-protected PFX valid for `days` (negative: already expired), made in this world's folder
+    /// by the simulation's New-SimCertificate.ps1 (the password goes through a file, removed again).
+    pub fn certificate(&self, password: &str, days: i32) -> PathBuf {
+        let pfx = self.path(&format!("app{days}.pfx"));
+        let password_file = self.path("pfx-password.txt");
+        std::fs::write(&password_file, password).unwrap();
+        let made = std::process::Command::new(psbridge::find_pwsh(None).expect("pwsh"))
+            .args(["-NoLogo", "-NoProfile", "-NonInteractive", "-File"])
+            .arg(super::sim_modules().join("New-SimCertificate.ps1"))
+            .arg("-Path")
+            .arg(&pfx)
+            .arg("-PasswordFile")
+            .arg(&password_file)
+            .arg("-ExpiresInDays")
+            .arg(days.to_string())
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{}", text(&made.stderr));
+        std::fs::remove_file(password_file).unwrap();
+        pfx
+    }
+
     /// Every mailbox name in the tenant (through `psbridge run`).
     pub fn mailbox_names(&self) -> Vec<String> {
         let output = self.run(&["run", "Get-Mailbox", "--params", r#"{"ResultSize": "Unlimited"}"#, "--select", "Name", "--format", "jsonl"]);
