@@ -114,8 +114,16 @@ const NUMBER_TOKEN: &str = "$serde_json::private::Number";
 /// Deserializes a [`Value`] as serde_json does, but refuses an object that has a key twice. `parameter`
 /// is the top-level key the value sits under, for messages.
 #[derive(Clone, Copy)]
-struct Checked<'a> {
+pub struct Checked<'a> {
     parameter: Option<&'a str>,
+}
+
+impl<'a> Checked<'a> {
+    /// For the value of parameter `name`: a key twice in any object inside it is refused, naming `name`
+    /// (batch's JSONL items use it, so that run and batch refuse the same values).
+    pub fn under(name: &'a str) -> Checked<'a> {
+        Checked { parameter: Some(name) }
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for Checked<'_> {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde::de::{self, MapAccess, Visitor};
 use serde_json::Value;
 
+use crate::params::Checked;
 use super::input::{Entry, Format, Identities, Item, RedactedParams, Redacted, bind, checked, holds_secret, kind, line_text};
 use super::source::{Lines, SourceError};
 
@@ -64,8 +65,11 @@ impl<'de> Deserialize<'de> for Params {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Params, A::Error> {
                 let mut params = Vec::new();
-                while let Some(entry) = map.next_entry::<String, Value>()? {
-                    params.push(entry);
+                while let Some(name) = map.next_key::<String>()? {
+                    // Nested objects are checked as `--params` checks them; a name given twice at the top
+                    // is kept, for validation to report.
+                    let value = map.next_value_seed(Checked::under(&name))?;
+                    params.push((name, value));
                 }
                 Ok(Params(params))
             }
@@ -190,16 +194,19 @@ mod tests {
             deep = format!("[{deep}]");
         }
         let text = format!(
-            "{}\n{}\n{}\n{}\n{}\n",
+            "{}\n{}\n{}\n{}\n{}\n{}\n",
             r#"{"command": "Set-Mailbox", "parameters": {"X": 1, "X": 2}}"#,
             r#"{"command": "Set-Mailbox", "parameters": {"Office": 1, "office": 2}}"#,
             format_args!(r#"{{"command": "Set-Mailbox", "parameters": {{"V": {deep}}}}}"#),
             r#"{"command": "Set-Mailbox", "command": "Get-Mailbox"}"#,
             r#"{"command": "Set-Mailbox", "parameters": {"Identity": "ok"}}"#,
+            r#"{"command": "Set-Mailbox", "parameters": {"EmailAddresses": {"Add": "a", "Add": "b"}}}"#,
         );
         let entries = read(&text);
         let bad = invalid(&entries);
-        assert_eq!(bad.len(), 4, "{bad:?}");
+        assert_eq!(bad.len(), 5, "{bad:?}");
+        // As `run --params` refuses it: a key twice inside a value, not only at the top.
+        assert!(bad[4].message.contains("parameter EmailAddresses: key \"Add\" appears twice"), "{}", bad[4].message);
         assert!(bad[0].message.starts_with("line 1: parameter X is given twice"), "{}", bad[0].message);
         assert!(bad[1].message.starts_with("line 2: parameter office is given twice (as Office and office"), "{}", bad[1].message);
         assert!(bad[2].message.contains("too deep") && bad[2].message.contains("at V"), "{}", bad[2].message);
