@@ -181,7 +181,7 @@ fn bridge_exit_code(error: &psbridge::Error) -> u8 {
 }
 
 /// A library error in words; a module that did not import gets its name and the fix.
-fn bridge_message(error: &psbridge::Error) -> String {
+pub fn bridge_message(error: &psbridge::Error) -> String {
     match error {
         psbridge::Error::ModuleImport { records } => {
             let module = records.iter().find_map(|r| r.target_name.as_deref().filter(|n| !n.is_empty()));

@@ -26,7 +26,9 @@ use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_OK, EXIT_USAGE, Globals};
 use input::{Entries, Entry, Format, Item};
 use journal::{Journal, Previous, SharedJournal};
 use progress::{Progress, Tally};
-use record::{ResultRecord, Status, bridge_error};
+pub use input::bind as bind_parameter;
+pub use record::ResultRecord;
+use record::{Status, bridge_error};
 use sink::ResultSink;
 use source::{Source, SourceError};
 
@@ -169,8 +171,9 @@ fn parse_delimiter(text: &str) -> Result<char, String> {
     Ok(delimiter)
 }
 
-/// `--max-line-bytes`: a number of bytes, with an optional K, M or G (KiB, MiB, GiB).
-fn parse_bytes(text: &str) -> Result<usize, String> {
+/// `--max-line-bytes` (and `serve --max-body-bytes`): a number of bytes, with an optional K, M or G
+/// (KiB, MiB, GiB).
+pub fn parse_bytes(text: &str) -> Result<usize, String> {
     let trimmed = text.trim();
     let (digits, unit) = match trimmed.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&trimmed[..i], c.to_ascii_uppercase()),
