@@ -1,6 +1,7 @@
 //! `psbridge`: run PowerShell and Exchange Online cmdlets from a shell through a psbridge worker.
 
 mod batch;
+mod client;
 mod config;
 mod connector;
 mod doctor;
@@ -57,6 +58,9 @@ enum Commands {
     Batch(batch::BatchArgs),
     Doctor(doctor::DoctorArgs),
     Serve(serve::ServeArgs),
+    /// Look at a running psbridge server.
+    #[command(subcommand)]
+    Server(client::ServerCommand),
     /// Print a shell completion script.
     #[command(after_help = "Examples:\n  \
         psbridge completions bash > ~/.local/share/bash-completion/completions/psbridge\n  \
@@ -158,6 +162,7 @@ fn start() -> Result<(), CliError> {
             Commands::Batch(args) => exit::from_status(batch::run(args, globals).await),
             Commands::Doctor(args) => doctor::run(args, globals).await,
             Commands::Serve(args) => serve::run(args, globals).await,
+            Commands::Server(command) => client::run(command, globals).await,
             Commands::Completions { shell } => print_generated(|out| {
                 clap_complete::generate(shell, &mut Cli::command(), "psbridge", out);
                 Ok(())
