@@ -70,7 +70,7 @@ impl Client {
 
     /// Sends a request and returns the response once its head arrived; an error status becomes the
     /// server's [`ApiError`].
-    pub async fn send(&self, method: Method, path: &str, body: Option<Bytes>, accept: &str) -> Result<Response, CliError> {
+    pub async fn send(&self, method: Method, path: &str, body: Option<(Bytes, &str)>, accept: &str) -> Result<Response, CliError> {
         let (io, host) = match &self.address {
             #[cfg(unix)]
             Address::Unix(path) => match tokio::net::UnixStream::connect(path).await {
@@ -99,10 +99,14 @@ impl Client {
         if let Some(token) = &self.token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.expose_secret()));
         }
-        if body.is_some() {
-            request = request.header(header::CONTENT_TYPE, "application/json");
-        }
-        let request = request.body(Full::new(body.unwrap_or_default())).map_err(|e| CliError::usage(format_args!("cannot make the request: {e}")))?;
+        let body = match body {
+            Some((body, content_type)) => {
+                request = request.header(header::CONTENT_TYPE, content_type);
+                body
+            }
+            None => Bytes::new(),
+        };
+        let request = request.body(Full::new(body)).map_err(|e| CliError::usage(format_args!("cannot make the request: {e}")))?;
         let response = sender.send_request(request).await.map_err(|e| self.gone(format_args!("closed the connection ({e})")))?;
         let mut response = Response { status: response.status(), body: response.into_body(), buffer: BytesMut::new(), connection, ended: false };
         if !response.status.is_success() {
@@ -151,9 +155,9 @@ impl Client {
         }
     }
 
-    /// `POST path` with a JSON body, answered as NDJSON.
-    pub async fn post_stream(&self, path: &str, body: Bytes) -> Result<Response, CliError> {
-        self.send(Method::POST, path, Some(body), NDJSON).await
+    /// `POST path` with a body of `content_type`, answered as NDJSON.
+    pub async fn post_stream(&self, path: &str, body: Bytes, content_type: &str) -> Result<Response, CliError> {
+        self.send(Method::POST, path, Some((body, content_type)), NDJSON).await
     }
 }
 

@@ -189,7 +189,7 @@ async fn run_remote(args: RunArgs, globals: Globals) -> Result<(), CliError> {
     let body = serde_json::to_vec(&request).map_err(|e| CliError::usage(format_args!("{source}: {e}")))?;
     let start = async {
         let profile = client.profile(asked, &config).await?;
-        client.post_stream(&format!("/v1/profiles/{profile}/invoke"), body.into()).await
+        client.post_stream(&format!("/v1/profiles/{profile}/invoke"), body.into(), "application/json").await
     };
     let response = tokio::select! {
         response = start => response?,

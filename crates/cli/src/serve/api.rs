@@ -57,7 +57,7 @@ pub struct State {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "psbridge serve", description = "Run PowerShell and Exchange Online commands on a warm, connected pool of pwsh workers."),
-    paths(health, status, profile_stats, invoke),
+    paths(health, status, profile_stats, invoke, super::batches::batches),
     components(schemas(InvokeRequest, wire::PipeStep, ApiError, ErrorKind, ProfileStats, WorkerInfo, ServerStatus))
 )]
 struct ApiDoc;
@@ -70,6 +70,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/profiles/{profile}", get(profile_stats))
         .route("/v1/profiles/{profile}/invoke", post(invoke))
+        .route("/v1/profiles/{profile}/batches", post(super::batches::batches))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))

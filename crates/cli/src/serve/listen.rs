@@ -56,6 +56,7 @@ pub enum ListenError {
          sessions) over the network; give --allow-remote if that is meant (a token is still required)"
     )]
     Remote(Address),
+    #[cfg(not(unix))]
     #[error("{0}: unix sockets are not available on this system; use tcp:127.0.0.1:PORT")]
     NoUnixSockets(Address),
 }

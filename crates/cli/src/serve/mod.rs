@@ -10,6 +10,7 @@ pub mod address;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod batches;
 pub mod lifecycle;
 pub mod listen;
 pub mod metrics;
@@ -170,7 +171,7 @@ fn load(args: &ServeArgs, globals: &Globals, secrets: &mut SecretReader) -> Resu
             .min_workers(args.min_workers.min(max))
             .max_workers(max)
             .shutdown_grace(args.shutdown_grace);
-        served.push(Served::new(profile, policy, builder, !args.lazy));
+        served.push(Served::new(profile, policy, builder, max, !args.lazy));
     }
     Ok(served)
 }

@@ -45,6 +45,8 @@ pub struct Served {
     builder: PoolBuilder,
     /// Started at launch (not `--lazy`): the health check waits for it.
     pub eager: bool,
+    /// Most workers of its pool (how many batch items run at once).
+    pub workers: usize,
     /// The open pool, if any; the lock is held while one is being opened.
     pool: tokio::sync::Mutex<Option<Arc<RunspacePool>>>,
     /// The open pool, for readers that must not wait for an open in progress (statistics).
@@ -60,13 +62,14 @@ pub struct Served {
 
 impl Served {
     /// A profile to serve; nothing starts yet.
-    pub fn new(profile: Profile, policy: Policy, builder: PoolBuilder, eager: bool) -> Served {
+    pub fn new(profile: Profile, policy: Policy, builder: PoolBuilder, workers: usize, eager: bool) -> Served {
         Served {
             name: profile.name.clone().unwrap_or_default(),
             profile,
             policy,
             builder,
             eager,
+            workers,
             pool: tokio::sync::Mutex::new(None),
             current: Mutex::new(None),
             users: AtomicUsize::new(0),
@@ -153,11 +156,6 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The profile it belongs to.
-    pub fn served(&self) -> &Arc<Served> {
-        &self.served
-    }
-
     /// Drops this pool for good after it gave up on starting workers (every later command would fail
     /// the same way): the next request opens a fresh one.
     pub async fn discard(self) {
@@ -254,7 +252,7 @@ impl Pools {
             let mut next = BTreeMap::new();
             for new in fresh {
                 match served.remove(&new.name) {
-                    Some(old) if old.profile.spec == new.profile.spec && old.eager == new.eager => {
+                    Some(old) if old.profile.spec == new.profile.spec && old.eager == new.eager && old.workers == new.workers => {
                         // Unchanged: the pool stays (the rules come from the same spec, or from --allow-all,
                         // which a reload does not change).
                         next.insert(old.name.clone(), old);

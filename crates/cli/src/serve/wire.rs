@@ -176,16 +176,19 @@ impl StreamLine {
     }
 }
 
-/// One line of a batch stream: a result record (as `psbridge batch` writes it), a note, or the end.
+/// One line of a batch stream: a result record (as `psbridge batch` writes it), a note or an error for
+/// the client's stderr, or the end.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchLine {
     /// One item's result.
     Result(Box<crate::batch::ResultRecord>),
-    /// A note for the client's stderr (resuming, stopping, ...).
+    /// A note (resuming, stopping, the summary); `--quiet` leaves it out.
     Note(String),
-    /// The batch ended: its exit status as `psbridge batch` would give it, and its summary line.
-    End { status: u8, summary: Option<String> },
+    /// An error, printed whatever `--quiet` says.
+    Error(String),
+    /// The batch ended with this exit status, as `psbridge batch` would exit.
+    End { status: u8 },
 }
 
 /// `GET /v1/profiles/{profile}`: a profile's pool.
