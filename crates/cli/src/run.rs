@@ -84,6 +84,11 @@ pub struct RunArgs {
     #[arg(long, short)]
     quiet: bool,
 
+    /// Commands with the same key never run at once and run in the order they arrive: for clients of one
+    /// server (--server) changing the same object (a worker runs one command at a time anyway).
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+
     /// Stop the command after this many seconds (the worker is killed if it does not stop)
     /// [default: the profile's command_timeout_secs, else no limit].
     #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
@@ -150,6 +155,9 @@ fn command_from(args: &RunArgs, source: &ParamsSource) -> Result<Command, CliErr
         (None, None) => return Err(CliError::usage("give a COMMAND or --script")),
     };
     command = command.params(params);
+    if let Some(key) = &args.key {
+        command = command.key(key.as_str());
+    }
     if let Some(timeout) = args.timeout {
         command = command.timeout(timeout);
     }
@@ -179,6 +187,7 @@ async fn run_remote(args: RunArgs, globals: Globals) -> Result<(), CliError> {
         command: if args.script.is_some() { None } else { args.command.clone() },
         script: args.script.clone(),
         parameters: source.read()?,
+        key: args.key.clone(),
         timeout_secs: args.timeout.map(|t| t.as_secs_f64()),
         depth: args.depth,
         ..InvokeRequest::default()

@@ -28,7 +28,7 @@ impl FromStr for Address {
         let (host, port) = rest.rsplit_once(':').ok_or_else(usage)?;
         let port: u16 = port.parse().map_err(|_| usage())?;
         let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-        if host.is_empty() || port == 0 {
+        if host.is_empty() {
             return Err(usage());
         }
         Ok(Address::Tcp { host: host.to_owned(), port })
@@ -92,7 +92,7 @@ mod tests {
         for text in ["unix:/run/user/1000/psbridge.sock", "tcp:127.0.0.1:8655", "tcp:[::1]:8655", "tcp:ci-runner:80"] {
             assert_eq!(text.parse::<Address>().unwrap().to_string(), text);
         }
-        for bad in ["", "unix:", "tcp:127.0.0.1", "tcp::80", "tcp:h:0", "tcp:h:99999", "http://x", "/tmp/s.sock"] {
+        for bad in ["", "unix:", "tcp:127.0.0.1", "tcp::80", "tcp:h:99999", "http://x", "/tmp/s.sock"] {
             let error = bad.parse::<Address>().unwrap_err();
             assert!(error.contains("unix:PATH or tcp:HOST:PORT"), "{bad}: {error}");
         }
