@@ -207,7 +207,12 @@ pub struct ProgressRecord {
 }
 
 /// One item of any of the six streams, in the order PowerShell wrote them.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// As JSON it is an object with one key naming the stream: `{"output": {...}}`, `{"error": {...}}`,
+/// `{"warning": "..."}`, `{"verbose": ...}`, `{"debug": ...}`, `{"information": {...}}`,
+/// `{"progress": {...}}` (what `psbridge serve` streams).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StreamItem {
     /// An output object.
     Output(PsObject),
@@ -238,7 +243,9 @@ pub enum PipelineState {
 }
 
 /// How a command ended, apart from what it wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// As JSON the duration is `duration_ms`, a number of milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Completion {
     /// PowerShell's raw `HadErrors` flag. It is also set by errors that `-ErrorAction SilentlyContinue`
     /// suppressed (the real `Connect-ExchangeOnline` succeeds with it set), so never judge success by it
@@ -247,11 +254,29 @@ pub struct Completion {
     /// How the pipeline ended.
     pub state: PipelineState,
     /// Time spent running the pipeline inside the worker.
+    #[serde(rename = "duration_ms", with = "milliseconds")]
     pub duration: Duration,
     /// The number a script passed to `exit` (`exit` alone is 0); `None` when it did not call `exit`.
     pub exit_code: Option<i32>,
     /// `$LASTEXITCODE` after the command, when a native program ran during it; `None` otherwise.
     pub native_exit_code: Option<i32>,
+}
+
+/// A duration as a number of milliseconds (fractions kept), in JSON.
+mod milliseconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(duration: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(duration.as_secs_f64() * 1000.0)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let ms = f64::deserialize(d)?;
+        // Out of range (negative, not finite, beyond a Duration) is zero or the most a Duration holds.
+        Ok(Duration::try_from_secs_f64(ms.max(0.0) / 1000.0).unwrap_or(Duration::MAX))
+    }
 }
 
 impl Completion {
@@ -296,7 +321,9 @@ impl From<&InvocationResult> for Completion {
 /// assert_eq!(r.warnings, ["careful"]);
 /// assert!(r.succeeded());
 /// ```
-#[derive(Debug, Clone, PartialEq, Default)]
+///
+/// As JSON it has every field, the duration as `duration_ms` (what `psbridge serve` answers).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct InvocationResult {
     /// Output objects.
     pub output: Vec<PsObject>,
@@ -318,6 +345,7 @@ pub struct InvocationResult {
     /// How the pipeline ended (`Completed` until [`complete`](Self::complete) says otherwise).
     pub state: PipelineState,
     /// Time spent in the worker.
+    #[serde(rename = "duration_ms", with = "milliseconds")]
     pub duration: Duration,
     /// The number a script passed to `exit` (`exit` alone is 0); `None` when it did not call `exit`.
     /// `exit` ends the script, never the worker.

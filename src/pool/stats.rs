@@ -45,6 +45,8 @@ pub struct Counters {
     pub failures: u64,
     /// Attempts that were repeated (throttling, a dead worker).
     pub retries: u64,
+    /// Of those, the ones repeated because the classifier called the failure throttling.
+    pub throttled: u64,
     /// Runspaces replaced after they died.
     pub restarts: u64,
     /// Runspaces replaced by the recycling policy.
@@ -60,6 +62,7 @@ impl std::iter::Sum for Counters {
             commands: a.commands + b.commands,
             failures: a.failures + b.failures,
             retries: a.retries + b.retries,
+            throttled: a.throttled + b.throttled,
             restarts: a.restarts + b.restarts,
             recycles: a.recycles + b.recycles,
             reconnects: a.reconnects + b.reconnects,
@@ -82,6 +85,9 @@ pub struct WorkerStats {
     pub counters: Counters,
     /// Commands run by the current runspace.
     pub runspace_commands: u64,
+    /// When the credentials the current runspace connected with expire, if its connector said (see
+    /// [`Runspace::expires_at`](crate::Runspace::expires_at)).
+    pub credentials_expire_at: Option<std::time::SystemTime>,
     /// When the current runspace was opened.
     pub(crate) runspace_opened: Option<Instant>,
 }
@@ -95,6 +101,7 @@ impl WorkerStats {
             resident_bytes: None,
             counters: Counters::default(),
             runspace_commands: 0,
+            credentials_expire_at: None,
             runspace_opened: None,
         }
     }

@@ -54,6 +54,7 @@ impl Slot {
     fn attach(&self, runspace: &Runspace) {
         self.update(|s| {
             s.pid = Some(runspace.pid());
+            s.credentials_expire_at = runspace.expires_at();
             s.runspace_opened = Some(Instant::now());
             s.runspace_commands = 0;
         });
@@ -61,7 +62,10 @@ impl Slot {
     }
 
     fn detach(&self) {
-        self.update(|s| s.pid = None);
+        self.update(|s| {
+            s.pid = None;
+            s.credentials_expire_at = None;
+        });
         *lock(&self.cancel) = None;
     }
 
@@ -348,7 +352,11 @@ async fn run_collect(
                     };
                     let delay = policy.delay(attempt, retry_after);
                     tracing::debug!(attempt, ?delay, "throttled: retrying");
-                    slot.update(|s| s.counters.retries += 1);
+                    let throttled = u64::from(matches!(failure, Failure::Throttled { .. }));
+                    slot.update(|s| {
+                        s.counters.retries += 1;
+                        s.counters.throttled += throttled;
+                    });
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = caller.closed() => return Err(Error::Cancelled { worker_killed: false }),

@@ -44,7 +44,7 @@ pub struct ConfigFile {
 }
 
 /// One profile. Every field is optional; defaults are those of `RunspaceBuilder` and `RunspacePool`.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileSpec {
     /// The pwsh executable (default: PSBRIDGE_PWSH, else pwsh on PATH).
@@ -86,10 +86,19 @@ pub struct ProfileSpec {
     pub check: Option<CommandSpec>,
     /// How the pool retries throttled commands.
     pub retry: Option<RetrySpec>,
+    /// `psbridge serve`: the commands clients may run, as globs matched case-insensitively against every
+    /// command of a pipeline (`["Get-*", "Set-Mailbox"]`). A profile without it is refused by `serve`
+    /// unless `--allow-all` is given.
+    pub allow: Option<Vec<String>>,
+    /// `psbridge serve`: whether clients may run scripts (`run --script`); default false.
+    pub allow_scripts: Option<bool>,
+    /// `run --server` and `batch --server`: where the bearer token for a `tcp:` server comes from (a
+    /// secret source, as under `secrets`; `--token-from` overrides).
+    pub server_token: Option<Spanned<SecretSpec>>,
 }
 
 /// A module to import.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum ModuleEntry {
     /// Just the name.
@@ -119,7 +128,7 @@ impl ModuleEntry {
 }
 
 /// A command with parameters bound by name; secret parameters come from their sources.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandSpec {
     /// The command name.
@@ -137,7 +146,7 @@ pub struct CommandSpec {
 /// `as = "securestring"` (the default) hands it to PowerShell as a SecureString, for parameters such as
 /// CertificatePassword; `as = "string"` as a plain string, for parameters such as AccessToken;
 /// `as = "certificate"` as a certificate built in the worker's memory from a base64 PFX.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretSpec {
     /// An environment variable holding the secret.
@@ -275,7 +284,7 @@ impl<'de> Deserialize<'de> for Seconds {
 }
 
 /// Retry policy of the pool (`RetryPolicy`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySpec {
     /// Attempts in all, the first included (default 6).
@@ -382,6 +391,18 @@ impl Config {
                     ));
                 }
             }
+            for pattern in spec.allow.iter().flatten() {
+                if let Err(reason) = crate::serve::policy::check_pattern(pattern) {
+                    return Err(self.invalid_at(self.line_of_text(pattern, start), format!("profiles.{name}.allow: {reason}")));
+                }
+            }
+            if let Some(token) = &spec.server_token {
+                let at = |message: String| self.invalid(token.span(), format!("profiles.{name}.server_token: {message}"));
+                check_source(token.get_ref()).map_err(at)?;
+                if token.get_ref().kind == SecretKind::Certificate {
+                    return Err(at("a bearer token is text; leave out as = \"certificate\"".to_owned()));
+                }
+            }
             let at_least_one = [
                 ("workers", spec.workers.map(|n| n as u64)),
                 ("connect_attempts", spec.connect_attempts.map(u64::from)),
@@ -425,28 +446,13 @@ impl Config {
         for (param, secret) in &spec.secrets {
             let at = |message: String| self.invalid(secret.span(), format!("{key}.secrets.{param}: {message}"));
             let source = secret.get_ref();
-            let sources = [source.env.is_some(), source.file.is_some(), source.stdin == Some(true), source.command.is_some()];
-            if sources.iter().filter(|s| **s).count() != 1 {
-                return Err(at("give exactly one source: { env = \"VARIABLE\" }, { file = \"/path\" }, { stdin = true } \
-                               or { command = [\"program\", \"argument\", ...] }"
-                    .to_owned()));
-            }
-            match &source.command {
-                Some(argv) if argv.first().is_none_or(|program| program.trim().is_empty()) => {
-                    return Err(at("command needs the program first, then its arguments: command = [\"az\", \"account\", ...]".to_owned()));
-                }
-                Some(_) if what == "disconnect" => {
-                    return Err(at(
-                        "a command source is run at each connect; the disconnect command is made once, so give its secret \
-                         from env, file or stdin"
-                            .to_owned(),
-                    ));
-                }
-                Some(_) => {}
-                None if source.json_field.is_some() || source.timeout_secs.is_some() => {
-                    return Err(at("json_field and timeout_secs are for a command source (command = [...])".to_owned()));
-                }
-                None => {}
+            check_source(source).map_err(at)?;
+            if source.command.is_some() && what == "disconnect" {
+                return Err(at(
+                    "a command source is run at each connect; the disconnect command is made once, so give its secret \
+                     from env, file or stdin"
+                        .to_owned(),
+                ));
             }
             if spec.parameters.keys().any(|p| p.eq_ignore_ascii_case(param)) {
                 return Err(at(format!("{param} is both a parameter and a secret; keep it only under secrets")));
@@ -526,6 +532,25 @@ const EXECUTION_POLICIES: &[&str] = &["AllSigned", "Bypass", "Default", "RemoteS
 fn is_version(text: &str) -> bool {
     let parts: Vec<&str> = text.split('.').collect();
     (2..=4).contains(&parts.len()) && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<i32>().is_ok())
+}
+
+/// A secret source names exactly one place, and its options fit it.
+fn check_source(source: &SecretSpec) -> Result<(), String> {
+    let sources = [source.env.is_some(), source.file.is_some(), source.stdin == Some(true), source.command.is_some()];
+    if sources.iter().filter(|s| **s).count() != 1 {
+        return Err("give exactly one source: { env = \"VARIABLE\" }, { file = \"/path\" }, { stdin = true } \
+                    or { command = [\"program\", \"argument\", ...] }"
+            .to_owned());
+    }
+    match &source.command {
+        Some(argv) if argv.first().is_none_or(|program| program.trim().is_empty()) => {
+            Err("command needs the program first, then its arguments: command = [\"az\", \"account\", ...]".to_owned())
+        }
+        None if source.json_field.is_some() || source.timeout_secs.is_some() => {
+            Err("json_field and timeout_secs are for a command source (command = [...])".to_owned())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `<config folder>/psbridge/config.toml`.
@@ -643,6 +668,9 @@ max_attempts = 3
             ),
             ("[profiles.a.connect]\ncommand = \"C\"\nsecrets.AccessToken = { env = \"A\", as = \"certificate\" }\n", "line 3", "is not a certificate"),
             ("[profiles.a.connect]\ncommand = \"C\"\nsecrets.Pw = { env = \"A\" }\nsecrets.pw = { env = \"B\" }\n", "line 2", "given twice"),
+            ("[profiles.a]\nworkers = 1\nallow = [\"Get-*\", \"Set-[Mailbox\"]\n", "line 3", "profiles.a.allow: \"Set-[Mailbox\" is not a glob"),
+            ("[profiles.a]\nallow = [\"\"]\n", "line 2", "profiles.a.allow: a pattern is empty"),
+            ("[profiles.a]\nworkers = 1\nserver_token = { env = \"T\", file = \"/t\" }\n", "line 3", "server_token: give exactly one source"),
         ];
         for (text, line, wanted) in cases {
             let error = parse(text).unwrap_err().to_string();

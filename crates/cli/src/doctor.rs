@@ -87,7 +87,7 @@ impl Report {
 pub async fn run(args: DoctorArgs, globals: Globals) -> Result<(), CliError> {
     let globals = globals.with_simulated(args.simulated);
     let mut report = Report::default();
-    if let Some(profile) = configuration(&mut report, &globals, globals.profile.as_deref()) {
+    if let Some(profile) = configuration(&mut report, &globals, globals.profile_name()?) {
         check_profile(&mut report, &profile, args.offline).await;
     }
     if report.failed {

@@ -92,6 +92,13 @@ pub enum CliError {
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] io::Error),
+    /// A psbridge server answered with an error (`run --server`, `batch --server`); its kind decides the
+    /// status.
+    #[error("{}", .0.message)]
+    Server(crate::serve::wire::ApiError),
+    /// A psbridge server could not be reached, or went away during the request.
+    #[error("{0}")]
+    ServerGone(String),
     /// clap's own usage error or help text, which it prints itself.
     #[error("{0}")]
     Clap(#[from] clap::Error),
@@ -142,6 +149,8 @@ impl CliError {
             CliError::Output(_) => EXIT_OUTPUT,
             CliError::BrokenPipe => EXIT_BROKEN_PIPE,
             CliError::Runtime(_) => EXIT_OS,
+            CliError::Server(error) => server_exit_code(error.error),
+            CliError::ServerGone(_) => EXIT_BRIDGE,
         }
     }
 
@@ -180,8 +189,25 @@ fn bridge_exit_code(error: &psbridge::Error) -> u8 {
     }
 }
 
+/// The exit status of an error a server answered: what the same failure would give locally.
+fn server_exit_code(kind: crate::serve::wire::ErrorKind) -> u8 {
+    use crate::serve::wire::ErrorKind;
+    match kind {
+        ErrorKind::InvalidRequest
+        | ErrorKind::Unauthorized
+        | ErrorKind::Forbidden
+        | ErrorKind::NotFound
+        | ErrorKind::Conflict
+        | ErrorKind::TooLarge
+        | ErrorKind::Configuration => EXIT_USAGE,
+        ErrorKind::TooManyRequests | ErrorKind::Unavailable => EXIT_BRIDGE,
+        ErrorKind::Timeout => EXIT_TIMEOUT,
+        ErrorKind::Cancelled => EXIT_INTERRUPTED,
+    }
+}
+
 /// A library error in words; a module that did not import gets its name and the fix.
-fn bridge_message(error: &psbridge::Error) -> String {
+pub fn bridge_message(error: &psbridge::Error) -> String {
     match error {
         psbridge::Error::ModuleImport { records } => {
             let module = records.iter().find_map(|r| r.target_name.as_deref().filter(|n| !n.is_empty()));
@@ -272,7 +298,19 @@ mod tests {
             (CliError::output(io::Error::from(io::ErrorKind::StorageFull)), 74),
             (CliError::output(io::Error::from(io::ErrorKind::BrokenPipe)), 141),
             (CliError::Reported(1), 1),
+            (CliError::ServerGone("the psbridge server at unix:/x cannot be reached".into()), 3),
         ];
+        use crate::serve::wire::{ApiError, ErrorKind};
+        let server = |error| CliError::Server(ApiError { error, message: String::new() });
+        let cases = cases.into_iter().chain([
+            (server(ErrorKind::Forbidden), 2),
+            (server(ErrorKind::Unauthorized), 2),
+            (server(ErrorKind::InvalidRequest), 2),
+            (server(ErrorKind::Configuration), 2),
+            (server(ErrorKind::Unavailable), 3),
+            (server(ErrorKind::Timeout), 124),
+            (server(ErrorKind::Cancelled), 130),
+        ]);
         for (error, code) in cases {
             assert_eq!(error.exit_code(), code, "{error:?}");
         }

@@ -1,6 +1,7 @@
 //! `psbridge`: run PowerShell and Exchange Online cmdlets from a shell through a psbridge worker.
 
 mod batch;
+mod client;
 mod config;
 mod connector;
 mod doctor;
@@ -10,6 +11,7 @@ mod params;
 mod profile;
 mod run;
 mod secret;
+mod serve;
 mod signals;
 mod simulated;
 
@@ -41,9 +43,10 @@ struct Cli {
     config: Option<PathBuf>,
 
     /// The profile to use [default: the file's default_profile, else plain pwsh]. `simulated` is
-    /// built in: the bundled simulated ExchangeOnlineManagement module and a sample tenant.
-    #[arg(long, global = true, env = config::PROFILE_ENV, value_name = "NAME")]
-    profile: Option<String>,
+    /// built in: the bundled simulated ExchangeOnlineManagement module and a sample tenant. `serve`
+    /// takes it more than once, one pool per profile.
+    #[arg(long, global = true, env = config::PROFILE_ENV, value_name = "NAME", action = clap::ArgAction::Append)]
+    profile: Vec<String>,
 
     #[command(subcommand)]
     command: Commands,
@@ -54,6 +57,10 @@ enum Commands {
     Run(run::RunArgs),
     Batch(batch::BatchArgs),
     Doctor(doctor::DoctorArgs),
+    Serve(serve::ServeArgs),
+    /// Look at a running psbridge server.
+    #[command(subcommand)]
+    Server(client::ServerCommand),
     /// Print a shell completion script.
     #[command(after_help = "Examples:\n  \
         psbridge completions bash > ~/.local/share/bash-completion/completions/psbridge\n  \
@@ -73,7 +80,8 @@ enum Commands {
 #[derive(Debug, Clone)]
 pub struct Globals {
     pub config: Option<PathBuf>,
-    pub profile: Option<String>,
+    /// Every `--profile` given (`serve` takes several, the others one).
+    pub profiles: Vec<String>,
 }
 
 impl Globals {
@@ -82,15 +90,24 @@ impl Globals {
     /// of a quick try against the simulation.
     pub fn with_simulated(mut self, simulated: bool) -> Globals {
         if simulated {
-            self.profile = Some(config::SIMULATED.to_owned());
+            self.profiles = vec![config::SIMULATED.to_owned()];
         }
         self
+    }
+
+    /// The one profile asked for, if any (only `serve` takes several).
+    pub fn profile_name(&self) -> Result<Option<&str>, CliError> {
+        match self.profiles.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(one)),
+            _ => Err(CliError::usage("--profile is given more than once; only `serve` serves several profiles")),
+        }
     }
 
     /// The configuration and the chosen profile.
     pub fn profile(&self) -> Result<(Config, Profile), CliError> {
         let config = Config::load(self.config.as_deref())?;
-        let profile = Profile::find(&config, self.profile.as_deref())?;
+        let profile = Profile::find(&config, self.profile_name()?)?;
         Ok((config, profile))
     }
 }
@@ -125,20 +142,27 @@ fn main() -> ExitCode {
 /// Parses the command line and runs the subcommand; every failure comes back here as one [`CliError`].
 fn start() -> Result<(), CliError> {
     let cli = Cli::try_parse()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // The server says what it does (info); the other subcommands only what went wrong.
+    let (default_filter, json) = match &cli.command {
+        Commands::Serve(args) => ("warn,psbridge=info", args.log_format == serve::LogFormat::Json),
+        _ => ("warn", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(CliError::Runtime)?;
-    let globals = Globals { config: cli.config, profile: cli.profile };
+    let globals = Globals { config: cli.config, profiles: cli.profile };
     runtime.block_on(async {
         match cli.command {
             Commands::Run(args) => run::run(args, globals).await,
             Commands::Batch(args) => exit::from_status(batch::run(args, globals).await),
             Commands::Doctor(args) => doctor::run(args, globals).await,
+            Commands::Serve(args) => serve::run(args, globals).await,
+            Commands::Server(command) => client::run(command, globals).await,
             Commands::Completions { shell } => print_generated(|out| {
                 clap_complete::generate(shell, &mut Cli::command(), "psbridge", out);
                 Ok(())

@@ -95,6 +95,15 @@ fn parse(bytes: &[u8], what: &str) -> Result<Map<String, Value>, CliError> {
     }
 }
 
+/// For serde's `deserialize_with`: a JSON object of parameters, checked as `--params` is (a key given
+/// twice at any level is refused).
+pub fn checked_object<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Map<String, Value>, D::Error> {
+    match (Checked { parameter: None }).deserialize(deserializer)? {
+        Value::Object(map) => Ok(map),
+        other => Err(de::Error::custom(format!("parameters must be a JSON object, not {}", kind(&other)))),
+    }
+}
+
 /// A JSON value's kind, for messages (never the value itself: it may be huge, or private).
 pub fn kind(value: &Value) -> &'static str {
     match value {

@@ -5,13 +5,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use psbridge::{Command, Runspace, RunspaceBuilder, StreamItem};
+use psbridge::{Command, Completion, Invocation, RunspaceBuilder, StreamItem};
 
+use crate::client::{Client, ServerArgs};
+use crate::config::Config;
 use crate::exit::{self, CliError};
 use crate::output::{self, Envelope, Format, OutputWriter, Selection};
 use crate::params::ParamsSource;
 use crate::profile::Profile;
 use crate::secret::SecretReader;
+use crate::serve::wire::{InvokeRequest, StreamEnd, StreamLine};
 use crate::signals::Signals;
 use crate::Globals;
 
@@ -30,6 +33,7 @@ use crate::Globals;
     psbridge run --simulated Get-Mailbox --params '{\"ResultSize\": 5}' --format table\n  \
     psbridge run --simulated Set-Mailbox --params '{\"Identity\": \"ContosoUser1\", \"Office\": \"Building 7\", \"WhatIf\": true}' --envelope\n  \
     psbridge run --script 'param($Name) \"Hello, $Name\"' --params '{\"Name\": \"world\"}'\n  \
+    psbridge run --server unix:$XDG_RUNTIME_DIR/psbridge.sock --simulated Get-Mailbox --params '{\"ResultSize\": 5}'\n  \
     psbridge run --script 'param($Text) $Text.Length' --params @big.json\n  \
     jq -c '{Identity: .alias}' user.json | psbridge run --simulated Get-Mailbox --params -\n  \
     psbridge run --module Microsoft.PowerShell.Archive Get-Command --params '{\"Module\": \"Microsoft.PowerShell.Archive\"}' --format jsonl")]
@@ -80,6 +84,11 @@ pub struct RunArgs {
     #[arg(long, short)]
     quiet: bool,
 
+    /// Commands with the same key never run at once and run in the order they arrive: for clients of one
+    /// server (--server) changing the same object (a worker runs one command at a time anyway).
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+
     /// Stop the command after this many seconds (the worker is killed if it does not stop)
     /// [default: the profile's command_timeout_secs, else no limit].
     #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
@@ -96,11 +105,17 @@ pub struct RunArgs {
     /// Put this folder in front of PSModulePath (repeatable).
     #[arg(long = "module-path", value_name = "DIR")]
     module_paths: Vec<PathBuf>,
+
+    #[command(flatten)]
+    remote: ServerArgs,
 }
 
 /// Runs the command; every failure, and every exit status but 0, is the returned [`CliError`].
 pub async fn run(args: RunArgs, globals: Globals) -> Result<(), CliError> {
     let globals = globals.with_simulated(args.simulated);
+    if args.remote.server.is_some() {
+        return run_remote(args, globals).await;
+    }
     let (_, profile) = globals.profile()?;
     let source = ParamsSource::from_arg(&args.params);
     // Secrets first, so that a secret wanting standard input is refused before --params - reads it.
@@ -115,7 +130,10 @@ pub async fn run(args: RunArgs, globals: Globals) -> Result<(), CliError> {
         opened = builder.open() => opened?,
         signal = signals.recv() => return Err(CliError::Interrupted(signal)),
     };
-    let outcome = execute(&mut runspace, &command, &args, &mut signals).await;
+    let outcome = match runspace.invoke_stream(&command) {
+        Ok(invocation) => execute(Items::Local(invocation), &args, &mut signals).await,
+        Err(error) => Err(CliError::Bridge(error)),
+    };
     // Disconnect; a (second) signal meanwhile ends it at once: dropping the runspace kills the worker.
     tokio::select! {
         closed = runspace.close() => {
@@ -137,6 +155,9 @@ fn command_from(args: &RunArgs, source: &ParamsSource) -> Result<Command, CliErr
         (None, None) => return Err(CliError::usage("give a COMMAND or --script")),
     };
     command = command.params(params);
+    if let Some(key) = &args.key {
+        command = command.key(key.as_str());
+    }
     if let Some(timeout) = args.timeout {
         command = command.timeout(timeout);
     }
@@ -148,6 +169,81 @@ fn command_from(args: &RunArgs, source: &ParamsSource) -> Result<Command, CliErr
         other => CliError::Bridge(other),
     })?;
     Ok(command)
+}
+
+/// `run --server`: the same command, checked here the same way, run on the server's pool; its items are
+/// printed and judged exactly as a local run's.
+async fn run_remote(args: RunArgs, globals: Globals) -> Result<(), CliError> {
+    if args.pwsh.is_some() || !args.modules.is_empty() || !args.module_paths.is_empty() {
+        return Err(CliError::usage("--pwsh, --module and --module-path say how to start a worker here; with --server the server's profile says it"));
+    }
+    let source = ParamsSource::from_arg(&args.params);
+    let config = Config::load(globals.config.as_deref())?;
+    let asked = globals.profile_name()?;
+    let mut secrets = SecretReader::with_stdin_taken(source.uses_stdin().then(|| "--params -".to_owned()));
+    let address = args.remote.server.clone().expect("checked by the caller");
+    let client = Client::new(address, args.remote.token_from.as_ref(), &config, config.chosen(asked), &mut secrets)?;
+    let request = InvokeRequest {
+        command: if args.script.is_some() { None } else { args.command.clone() },
+        script: args.script.clone(),
+        parameters: source.read()?,
+        key: args.key.clone(),
+        timeout_secs: args.timeout.map(|t| t.as_secs_f64()),
+        depth: args.depth,
+        ..InvokeRequest::default()
+    };
+    // Checked here as a local run checks it, so that a bad command is the same usage error.
+    request.to_command().map_err(|reason| CliError::usage(format_args!("{source}: {reason}")))?;
+    let mut signals = Signals::new().map_err(CliError::Runtime)?;
+    let body = serde_json::to_vec(&request).map_err(|e| CliError::usage(format_args!("{source}: {e}")))?;
+    let start = async {
+        let profile = client.profile(asked, &config).await?;
+        client.post_stream(&format!("/v1/profiles/{profile}/invoke"), body.into(), "application/json").await
+    };
+    let response = tokio::select! {
+        response = start => response?,
+        signal = signals.recv() => return Err(CliError::Interrupted(signal)),
+    };
+    // Interrupted: dropping the response closes the connection, and the server stops the command.
+    execute(Items::Remote { response, client: &client, completion: None }, &args, &mut signals).await
+}
+
+/// Where a command's items come from: a local worker, or a server's NDJSON stream.
+enum Items<'a> {
+    Local(Invocation<'a>),
+    Remote { response: crate::client::Response, client: &'a Client, completion: Option<Completion> },
+}
+
+impl Items<'_> {
+    /// The next item; `None` at the end. Cancel safe.
+    async fn next_item(&mut self) -> Result<Option<StreamItem>, CliError> {
+        match self {
+            Items::Local(invocation) => invocation.next_item().await.map_err(CliError::Bridge),
+            Items::Remote { completion: Some(_), .. } => Ok(None),
+            Items::Remote { response, client, completion } => {
+                let Some(line) = response.next_line(client).await? else {
+                    return Err(CliError::ServerGone(format!("the psbridge server at {} ended the command's stream before its end", client.address())));
+                };
+                match StreamLine::parse(&line) {
+                    Ok(StreamLine::Item(item)) => Ok(Some(item)),
+                    Ok(StreamLine::End(StreamEnd::Done(done))) => {
+                        *completion = Some(done);
+                        Ok(None)
+                    }
+                    Ok(StreamLine::End(StreamEnd::Failed(error))) => Err(CliError::Server(error)),
+                    Err(error) => Err(CliError::ServerGone(format!("the psbridge server at {} sent a line that is not a stream item ({error})", client.address()))),
+                }
+            }
+        }
+    }
+
+    /// How the command ended, once [`next_item`](Self::next_item) returned `None`.
+    fn completion(&self) -> Option<Completion> {
+        match self {
+            Items::Local(invocation) => invocation.completion(),
+            Items::Remote { completion, .. } => *completion,
+        }
+    }
 }
 
 fn builder_from(args: &RunArgs, profile: &Profile, secrets: &mut SecretReader) -> Result<RunspaceBuilder, CliError> {
@@ -200,10 +296,9 @@ impl Printer<'_> {
     }
 }
 
-/// Runs the command and prints what it produces, until it ends, fails, or a signal stops it.
-async fn execute(runspace: &mut Runspace, command: &Command, args: &RunArgs, signals: &mut Signals) -> Result<(), CliError> {
+/// Prints what the command produces, until it ends, fails, or a signal stops it.
+async fn execute(mut stream: Items<'_>, args: &RunArgs, signals: &mut Signals) -> Result<(), CliError> {
     let mut printer = Printer::new(args);
-    let mut stream = runspace.invoke_stream(command)?;
     let mut errors_seen = false;
     let failure = loop {
         let item = tokio::select! {
@@ -223,10 +318,10 @@ async fn execute(runspace: &mut Runspace, command: &Command, args: &RunArgs, sig
                 printer.finish(Some(completion)).map_err(CliError::output)?;
                 return exit::command_outcome(errors_seen, &completion);
             }
-            Err(error) => break CliError::Bridge(error),
+            Err(error) => break error,
         }
     };
-    // Dropping the stream stops the command in the worker; what was printed is closed off whole. The
+    // Dropping the stream stops the command in the worker (or, remote, closes the connection); what was printed is closed off whole. The
     // failure is what is reported, even when the output cannot be finished.
     drop(stream);
     let _ = printer.finish(None);

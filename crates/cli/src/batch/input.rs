@@ -68,11 +68,11 @@ pub trait Format {
 /// The entries of an input, one at a time.
 pub struct Entries {
     lines: Lines,
-    format: Box<dyn Format>,
+    format: Box<dyn Format + Send + Sync>,
 }
 
 impl Entries {
-    pub fn new(lines: Lines, format: Box<dyn Format>) -> Entries {
+    pub fn new(lines: Lines, format: Box<dyn Format + Send + Sync>) -> Entries {
         Entries { lines, format }
     }
 

@@ -6,6 +6,7 @@ mod journal;
 mod jsonl;
 mod progress;
 mod record;
+mod remote;
 mod sink;
 mod source;
 mod table;
@@ -17,17 +18,23 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use psbridge::{Command, InvocationResult, PoolBuilder, RunspacePool};
+use serde::{Deserialize, Serialize};
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use crate::secret::SecretReader;
 use crate::exit::{CliError, EXIT_OUTPUT, Interrupt};
 use crate::signals::Signals;
 use crate::{EXIT_BRIDGE, EXIT_COMMAND_ERRORS, EXIT_OK, EXIT_USAGE, Globals};
 use input::{Entries, Entry, Format, Item};
+pub use journal::JournalError;
 use journal::{Journal, Previous, SharedJournal};
-use progress::{Progress, Tally};
-use record::{ResultRecord, Status, bridge_error};
-use sink::ResultSink;
+pub use progress::Progress;
+use progress::Tally;
+pub use input::bind as bind_parameter;
+pub use record::{ResultRecord, Status};
+use record::bridge_error;
+pub use sink::ResultSink;
 use source::{Source, SourceError};
 
 /// The default of --max-line-bytes.
@@ -153,6 +160,72 @@ pub struct BatchArgs {
     /// Seconds between progress lines when stderr is not a terminal.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::parse_seconds)]
     progress_interval: Duration,
+
+    #[command(flatten)]
+    remote: crate::client::ServerArgs,
+
+    /// With --server: the batch's name on the server, whose journal it keeps (running the batch again with
+    /// the same id resumes it) [default: derived from the input's path, the output's and the profile].
+    #[arg(long, value_name = "ID", requires = "server")]
+    batch_id: Option<String>,
+}
+
+impl BatchArgs {
+    /// The options the batch runs with, as a server takes them too.
+    fn options(&self) -> BatchOptions {
+        BatchOptions {
+            input_format: self.input_format,
+            command: self.command.clone(),
+            key_column: self.key_column.clone(),
+            delimiter: self.delimiter,
+            max_line_bytes: self.max_line_bytes,
+            timeout_secs: self.timeout.map(|t| t.as_secs_f64()),
+            depth: self.depth,
+            restart: self.restart,
+            resume: self.resume,
+            retry_failed: self.retry_failed,
+            no_journal: self.no_journal,
+        }
+    }
+}
+
+/// What a batch reads and how it runs its items: the options a local batch and a server's batch share
+/// (`batch --server` sends them as the query of `POST /v1/profiles/{profile}/batches`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BatchOptions {
+    /// `jsonl` or `csv` [default: csv for a .csv file, else jsonl].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_format: Option<InputFormat>,
+    /// CSV: the command every row runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// CSV: the column whose value is the item's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_column: Option<String>,
+    /// CSV: the cell separator [default: ,].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delimiter: Option<char>,
+    /// The longest input line, in bytes [default: 64M].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_line_bytes: Option<usize>,
+    /// Stop an item after this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<f64>,
+    /// How deep output objects are serialized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u32>,
+    /// Forget the journal and run every item again.
+    #[serde(default)]
+    pub restart: bool,
+    /// Resume even though the journal was written for another input.
+    #[serde(default)]
+    pub resume: bool,
+    /// Run again the items the journal holds as failed.
+    #[serde(default)]
+    pub retry_failed: bool,
+    /// Keep no journal.
+    #[serde(default)]
+    pub no_journal: bool,
 }
 
 /// `--delimiter`: one character, or `tab`.
@@ -169,8 +242,9 @@ fn parse_delimiter(text: &str) -> Result<char, String> {
     Ok(delimiter)
 }
 
-/// `--max-line-bytes`: a number of bytes, with an optional K, M or G (KiB, MiB, GiB).
-fn parse_bytes(text: &str) -> Result<usize, String> {
+/// `--max-line-bytes` (and `serve --max-body-bytes`): a number of bytes, with an optional K, M or G
+/// (KiB, MiB, GiB).
+pub fn parse_bytes(text: &str) -> Result<usize, String> {
     let trimmed = text.trim();
     let (digits, unit) = match trimmed.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&trimmed[..i], c.to_ascii_uppercase()),
@@ -193,7 +267,8 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
 }
 
 /// Input formats of `batch`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum InputFormat {
     Jsonl,
     Csv,
@@ -207,10 +282,80 @@ fn usage(message: impl std::fmt::Display) -> u8 {
 
 pub async fn run(args: BatchArgs, globals: Globals) -> u8 {
     let globals = globals.with_simulated(args.simulated);
+    if args.remote.server.is_some() {
+        return remote::run(args, globals).await;
+    }
     match Batch::prepare(&args, &globals) {
-        Ok(batch) => batch.execute(&args).await,
+        Ok(batch) => {
+            let progress = Progress::new(batch.total, args.quiet, args.progress_interval);
+            let signals = match Signals::new() {
+                Ok(signals) => Some(signals),
+                Err(error) => {
+                    progress.note(&format!("psbridge: cannot listen for Ctrl-C and SIGTERM: {error}"));
+                    None
+                }
+            };
+            batch.execute(progress, Interrupts::Signals(signals)).await
+        }
         Err(code) => code,
     }
+}
+
+/// What interrupts a batch: Ctrl-C and SIGTERM here, or a server's shutdown.
+pub enum Interrupts {
+    /// The signals (`None` when they could not be listened for).
+    Signals(Option<Signals>),
+    /// A server's shutdown: once, as a SIGTERM would (the server's pools cancel what then still runs).
+    Shutdown(Option<CancellationToken>),
+}
+
+impl Interrupts {
+    /// The next interrupt; never, when there is none to come. Cancel safe.
+    async fn recv(&mut self) -> Interrupt {
+        match self {
+            Interrupts::Signals(Some(signals)) => signals.recv().await,
+            Interrupts::Shutdown(token @ Some(_)) => {
+                token.as_ref().expect("matched Some").cancelled().await;
+                *token = None;
+                Interrupt::Terminate
+            }
+            Interrupts::Signals(None) | Interrupts::Shutdown(None) => std::future::pending().await,
+        }
+    }
+}
+
+/// Where a batch's workers come from.
+pub enum Workers {
+    /// A pool of its own, opened for the batch (as many workers as items, at most `--workers`) and closed
+    /// at its end.
+    Own(PoolBuilder),
+    /// A pool shared with others (a server's), left open.
+    Shared(RunspacePool),
+}
+
+/// Where a batch's results go.
+pub enum Destination {
+    /// Standard output, or this file (written through FILE.partial).
+    Local(Option<PathBuf>),
+    /// A server's response stream.
+    Stream(tokio::sync::mpsc::UnboundedSender<crate::serve::wire::BatchLine>),
+}
+
+/// What a batch is made of, besides its input's content.
+pub struct Setup<'a> {
+    /// The input file (`-`: standard input).
+    pub input: &'a Path,
+    /// The input's name in the journal.
+    pub input_name: String,
+    pub options: &'a BatchOptions,
+    /// The journal, if the batch keeps one.
+    pub journal: Option<PathBuf>,
+    pub destination: Destination,
+    pub workers: Workers,
+    /// Most items running at once.
+    pub size: usize,
+    /// Which commands may run, when not all.
+    pub allowed: Option<Allowed>,
 }
 
 /// Why a batch stopped early, besides an interrupt.
@@ -228,14 +373,6 @@ enum Stop {
 /// How long running items may finish after the first signal, and how long queued ones may wait for a
 /// worker to begin them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// The next signal; never, when signals could not be listened for.
-async fn recv(signals: &mut Option<Signals>) -> Interrupt {
-    match signals {
-        Some(signals) => signals.recv().await,
-        None => std::future::pending().await,
-    }
-}
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
@@ -256,13 +393,13 @@ struct Ticket {
 }
 
 /// A batch ready to run: input, journal, output and pool settings.
-struct Batch {
+pub struct Batch {
     entries: Entries,
     /// Input entries, estimated, for the progress display.
-    total: usize,
-    /// The profile's workers, secrets already read (a missing secret stops the batch before it starts).
-    /// The profile's pool: its workers, and its classifier, retries and connect limits.
-    pool: PoolBuilder,
+    pub total: usize,
+    /// The profile's pool, or the pool to share (secrets already read: a missing secret stops the batch
+    /// before it starts).
+    pool: Workers,
     workers: usize,
     timeout: Option<Duration>,
     depth: Option<u32>,
@@ -270,9 +407,35 @@ struct Batch {
     journal: Option<SharedJournal>,
     previous: Previous,
     sink: ResultSink,
+    /// Notes found while preparing, shown when the batch begins.
+    notes: Vec<String>,
+    /// Which commands may run (a server's rules), when not all.
+    allowed: Option<Allowed>,
+}
+
+/// A server's rules: `Err(rule)` for a command that may not run.
+pub type Allowed = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// A batch that cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The journal cannot be used (in use by another batch, damaged, another input's).
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Anything else; the message says what to do.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<String> for BatchError {
+    fn from(message: String) -> BatchError {
+        BatchError::Invalid(message)
+    }
 }
 
 impl Batch {
+    /// A local batch: the profile's pool, the journal beside `--output` (or `--journal`), results to
+    /// stdout or `--output`.
     fn prepare(args: &BatchArgs, globals: &Globals) -> Result<Batch, u8> {
         let (_, profile) = globals.profile().map_err(usage)?;
         let workers = args.workers.unwrap_or_else(|| profile.workers());
@@ -280,19 +443,6 @@ impl Batch {
             return Err(usage("--workers must be at least 1"));
         }
         let stdin_taken = args.input == Path::new("-");
-        let csv = match args.input_format {
-            Some(format) => format == InputFormat::Csv,
-            None => args.input.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")),
-        };
-        if csv && args.command.is_none() {
-            return Err(usage("CSV input needs --command, the command each row runs (for example --command Set-Mailbox)"));
-        }
-        if !csv && (args.command.is_some() || args.key_column.is_some() || args.delimiter.is_some()) {
-            return Err(usage(
-                "--command, --key-column and --delimiter are for CSV input; JSONL items carry their own command and key \
-                 (use --input-format csv if the file is CSV)",
-            ));
-        }
         let journal_path = match (&args.journal, &args.output) {
             _ if args.no_journal => None,
             (Some(path), _) => Some(path.clone()),
@@ -312,34 +462,73 @@ impl Batch {
         {
             return Err(usage("the journal and --output must be different files"));
         }
-        let max_line_bytes = args.max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES);
-        let mut source = Source::open(&args.input).map_err(usage)?;
-        let sha256 = source.sha256().map_err(usage)?;
-        let lines_total = source.count_lines(max_line_bytes).map_err(usage)?;
-        let mut lines = source.lines(max_line_bytes).map_err(usage)?;
-        let (format, total): (Box<dyn Format>, usize) = if let Some(command) = &args.command {
-            let options = table::TableOptions {
+        let mut secrets = SecretReader::with_stdin_taken(stdin_taken.then(|| "the batch input".to_owned()));
+        let pool = profile.pool_builder(profile.builder(&mut secrets).map_err(usage)?);
+        let options = args.options();
+        let setup = Setup {
+            input: &args.input,
+            input_name: args.input.display().to_string(),
+            options: &options,
+            journal: journal_path,
+            destination: Destination::Local(args.output.clone()),
+            workers: Workers::Own(pool),
+            size: workers,
+            allowed: None,
+        };
+        let mut batch = Batch::assemble(setup).map_err(usage)?;
+        if batch.journal.is_none() && !args.no_journal {
+            batch.notes.push("psbridge: note: no journal (results go to stdout); give --journal FILE to make this batch resumable".to_owned());
+        }
+        Ok(batch)
+    }
+
+    /// A batch of `setup.input`, checked (a CSV input needs its command, ...), its journal opened and
+    /// read, its destination opened. The message of an error says what to do.
+    pub fn assemble(setup: Setup<'_>) -> Result<Batch, BatchError> {
+        let Setup { input, input_name, options, journal: journal_path, destination, workers: pool, size, allowed } = setup;
+        let csv = match options.input_format {
+            Some(format) => format == InputFormat::Csv,
+            None => input.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")),
+        };
+        if csv && options.command.is_none() {
+            return Err("CSV input needs --command, the command each row runs (for example --command Set-Mailbox)".to_owned().into());
+        }
+        if !csv && (options.command.is_some() || options.key_column.is_some() || options.delimiter.is_some()) {
+            return Err("--command, --key-column and --delimiter are for CSV input; JSONL items carry their own command and key \
+                 (use --input-format csv if the file is CSV)"
+                .to_owned()
+                .into());
+        }
+        let timeout = match options.timeout_secs {
+            Some(seconds) => Some(crate::positive_duration(seconds).ok_or_else(|| format!("--timeout must be {}", crate::SECONDS_RANGE))?),
+            None => None,
+        };
+        let max_line_bytes = options.max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES);
+        let mut source = Source::open(input).map_err(|e| e.to_string())?;
+        let sha256 = source.sha256().map_err(|e| e.to_string())?;
+        let lines_total = source.count_lines(max_line_bytes).map_err(|e| e.to_string())?;
+        let mut lines = source.lines(max_line_bytes).map_err(|e| e.to_string())?;
+        let (format, total): (Box<dyn Format + Send + Sync>, usize) = if let Some(command) = &options.command {
+            let table_options = table::TableOptions {
                 command: command.clone(),
-                key_column: args.key_column.clone(),
-                delimiter: args.delimiter.unwrap_or(','),
+                key_column: options.key_column.clone(),
+                delimiter: options.delimiter.unwrap_or(','),
                 max_bytes: max_line_bytes,
             };
-            (Box::new(table::Table::new(&mut lines, options).map_err(usage)?), lines_total.saturating_sub(1))
+            (Box::new(table::Table::new(&mut lines, table_options).map_err(|e| e.to_string())?), lines_total.saturating_sub(1))
         } else {
             (Box::<jsonl::Jsonl>::default(), lines_total)
         };
-        let mut secrets = SecretReader::with_stdin_taken(stdin_taken.then(|| "the batch input".to_owned()));
-        let pool = profile.pool_builder(profile.builder(&mut secrets).map_err(usage)?);
-        let input_name = args.input.display().to_string();
+        let mut notes = Vec::new();
         let (journal, previous) = match &journal_path {
             Some(path) => {
-                let (mut journal, previous) = Journal::open(path, &input_name, &sha256, args.restart).map_err(usage)?;
+                let (mut journal, previous) = Journal::open(path, &input_name, &sha256, options.restart)?;
                 if let Some(earlier) = &previous.input_sha256
                     && *earlier != sha256
                 {
                     let earlier_input = previous.input.as_deref().unwrap_or("another input");
-                    if !args.resume {
-                        return Err(usage(format_args!(
+                    if !options.resume {
+                        return Err(BatchError::Invalid(format!(
                             "the journal {} belongs to another input: it was written for {earlier_input}, and {input_name} {}. \
                              Give --restart to forget the journal and run every item, or --resume to go on with this input \
                              (items are matched by their content; those that finished are skipped)",
@@ -347,39 +536,43 @@ impl Batch {
                             if earlier_input == input_name { "has changed since" } else { "is not that file, or has other content" },
                         )));
                     }
-                    journal.belongs_to(&input_name, &sha256).map_err(usage)?;
-                    if !args.quiet {
-                        eprintln!(
-                            "psbridge: note: resuming with a changed input (the journal was written for {earlier_input}); \
-                             items that finished there are skipped here too"
-                        );
-                    }
+                    journal.belongs_to(&input_name, &sha256)?;
+                    notes.push(format!(
+                        "psbridge: note: resuming with a changed input (the journal was written for {earlier_input}); \
+                         items that finished there are skipped here too"
+                    ));
                 }
                 (Some(SharedJournal::new(journal)), previous)
             }
             None => (None, Previous::default()),
         };
-        let sink = ResultSink::open(args.output.as_deref()).map_err(usage)?;
-        if journal.is_none() && !args.quiet && !args.no_journal {
-            eprintln!("psbridge: note: no journal (results go to stdout); give --journal FILE to make this batch resumable");
-        }
+        let sink = match destination {
+            Destination::Local(path) => ResultSink::open(path.as_deref())?,
+            Destination::Stream(lines) => ResultSink::Stream(lines),
+        };
         Ok(Batch {
             entries: Entries::new(lines, format),
             total,
             pool,
-            workers,
-            timeout: args.timeout,
-            depth: args.depth,
-            retry_failed: args.retry_failed,
+            workers: size,
+            timeout,
+            depth: options.depth,
+            retry_failed: options.retry_failed,
             journal,
             previous,
             sink,
+            notes,
+            allowed,
         })
     }
 
-    async fn execute(mut self, args: &BatchArgs) -> u8 {
+    /// Runs the batch to its end (or until `interrupts` stops it) and returns its exit status, as
+    /// `psbridge batch` exits with it.
+    pub async fn execute(mut self, mut progress: Progress, mut interrupts: Interrupts) -> u8 {
         let mut tally = Tally::default();
-        let mut progress = Progress::new(self.total, args.quiet, args.progress_interval);
+        for note in std::mem::take(&mut self.notes) {
+            progress.note(&note);
+        }
         if !self.previous.finished.is_empty() || !self.previous.starts.is_empty() {
             progress.note(&format!(
                 "psbridge batch: resuming from {}: {} items finished earlier, {} were running and run again",
@@ -404,22 +597,17 @@ impl Batch {
         }
         let mut interrupted = None;
         let mut code = EXIT_OK;
-        let mut signals = match Signals::new() {
-            Ok(signals) => Some(signals),
-            Err(error) => {
-                progress.note(&format!("psbridge: cannot listen for Ctrl-C and SIGTERM: {error}"));
-                None
-            }
-        };
         if !ready.is_empty() && stop.is_none() {
-            match self.start_pool(ready.len(), &mut signals, &mut interrupted).await {
-                Ok(pool) => {
+            match self.start_pool(ready.len(), &mut interrupts, &mut interrupted).await {
+                Ok((pool, own)) => {
                     progress.begin(&tally); // the rate counts from here, not from the workers' start-up
                     let (was_interrupted, stopped) =
-                        self.dispatch(&pool, &mut ready, &mut tally, &mut progress, &mut signals, interrupted).await;
+                        self.dispatch(&pool, &mut ready, &mut tally, &mut progress, &mut interrupts, interrupted).await;
                     interrupted = was_interrupted;
                     stop = stopped;
-                    pool.close().await;
+                    if own {
+                        pool.close().await;
+                    }
                 }
                 Err(message) => stop = Some(Stop::Workers(message)),
             }
@@ -443,26 +631,24 @@ impl Batch {
         match stop {
             Some(Stop::Output) => return EXIT_OUTPUT,
             Some(Stop::Workers(message)) => {
-                eprintln!("psbridge: {message}; the items that did not run are reported not_run");
+                progress.error(&format!("psbridge: {message}; the items that did not run are reported not_run"));
                 code = EXIT_BRIDGE;
             }
             Some(Stop::Input(error)) => {
-                eprintln!("psbridge: {error}; the items after it did not run");
+                progress.error(&format!("psbridge: {error}; the items after it did not run"));
                 code = EXIT_USAGE;
             }
             Some(Stop::Journal) => code = EXIT_BRIDGE,
             None => {}
         }
         if let Err(error) = self.sink.finish() {
-            eprintln!("psbridge: cannot write the results: {error}");
+            progress.error(&format!("psbridge: cannot write the results: {error}"));
             return EXIT_OUTPUT;
         }
-        if !args.quiet {
-            eprintln!("{}", summary(&tally, &progress));
-        }
+        progress.note(&summary(&tally, &progress));
         if let Some(signal) = interrupted {
-            if !args.quiet && self.journal.is_some() {
-                eprintln!("psbridge batch: interrupted; run the same command again to resume");
+            if self.journal.is_some() {
+                progress.note("psbridge batch: interrupted; run the same command again to resume");
             }
             CliError::Interrupted(signal).exit_code()
         } else if code != EXIT_OK {
@@ -490,6 +676,16 @@ impl Batch {
                 }
                 Some(Entry::Item(item)) => {
                     let Item { line, input, name, command, key, id, identity } = *item;
+                    if let Some(refusal) = self.allowed.as_ref().and_then(|allowed| allowed(&name).err()) {
+                        // The server's rules do not let this command run: like a line that cannot run.
+                        tally.failed += 1;
+                        tally.invalid += 1;
+                        let mut record = ResultRecord::new(line, input, Status::Invalid);
+                        (record.id, record.key, record.command) = (id, key, Some(name));
+                        record.errors = vec![bridge_error("psbridge.refused", format!("line {line}: refused: {refusal}"))];
+                        self.emit(&record, progress)?;
+                        continue;
+                    }
                     let earlier = match self.previous.finished.remove(&identity) {
                         Some(done) if !(self.retry_failed && done.status != Status::Succeeded) => {
                             let mut record = done;
@@ -540,17 +736,23 @@ impl Batch {
     /// Opens the pool, listening for signals meanwhile: after a first one, start-up gets the shutdown
     /// grace to finish, then the batch ends (the workers being started are killed with the dropped
     /// future) without waiting for a second signal.
+    ///
+    /// A shared pool is there already. Returns the pool and whether it is the batch's own.
     async fn start_pool(
         &self,
         workers: usize,
-        signals: &mut Option<Signals>,
+        interrupts: &mut Interrupts,
         interrupted: &mut Option<Interrupt>,
-    ) -> Result<RunspacePool, String> {
-        let open = self.open_pool(workers);
+    ) -> Result<(RunspacePool, bool), String> {
+        let builder = match &self.pool {
+            Workers::Shared(pool) => return Ok((pool.clone(), false)),
+            Workers::Own(builder) => builder,
+        };
+        let open = async { Self::open_pool(builder, workers).await.map(|pool| (pool, true)) };
         tokio::pin!(open);
         let signal = tokio::select! {
             opened = &mut open => return opened,
-            signal = recv(signals) => signal,
+            signal = interrupts.recv() => signal,
         };
         *interrupted = Some(signal);
         match tokio::time::timeout(SHUTDOWN_GRACE, open).await {
@@ -559,9 +761,9 @@ impl Batch {
         }
     }
 
-    async fn open_pool(&self, workers: usize) -> Result<RunspacePool, String> {
+    async fn open_pool(builder: &PoolBuilder, workers: usize) -> Result<RunspacePool, String> {
         // Bounded: connect failures fail every queued item with the cause within seconds (connect_attempts).
-        self.pool
+        builder
             .clone()
             .min_workers(workers)
             .max_workers(workers)
@@ -580,7 +782,7 @@ impl Batch {
         ready: &mut VecDeque<(Command, Ticket)>,
         tally: &mut Tally,
         progress: &mut Progress,
-        signals: &mut Option<Signals>,
+        interrupts: &mut Interrupts,
         mut interrupted: Option<Interrupt>,
     ) -> (Option<Interrupt>, Option<Stop>) {
         let limit = self.workers * 2;
@@ -658,7 +860,7 @@ impl Batch {
                         }
                     }
                 },
-                signal = recv(signals) => {
+                signal = interrupts.recv() => {
                     if interrupted.is_some() {
                         progress.note("psbridge batch: cancelling the running items");
                         running.abort_all();

@@ -1,10 +1,14 @@
 //! Batch progress on stderr: a bar with rate and ETA on a terminal, a plain line every few seconds
-//! otherwise (CI logs), nothing with `--quiet`.
+//! otherwise (CI logs), nothing with `--quiet`. A server's batch sends its notes and errors down the
+//! response stream instead, for its client to print.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::serve::wire::BatchLine;
 
 /// Counts of a batch so far.
 #[derive(Debug, Default, Clone, Copy)]
@@ -33,6 +37,10 @@ enum Display {
     Bar(ProgressBar),
     Lines { every: Duration, last: Instant },
     Quiet,
+    /// The bar is gone (the batch ended): notes are plain lines.
+    Done,
+    /// A server's batch: notes and errors go to the client.
+    Remote(UnboundedSender<BatchLine>),
 }
 
 /// Shows how a batch is going.
@@ -61,6 +69,11 @@ impl Progress {
         Progress { display, total, started: Instant::now() }
     }
 
+    /// For a server's batch: notes, errors and the summary go down `lines` to the client.
+    pub fn remote(total: usize, lines: UnboundedSender<BatchLine>) -> Progress {
+        Progress { display: Display::Remote(lines), total, started: Instant::now() }
+    }
+
     /// Marks the start of this run's own work, with `tally` already done.
     pub fn begin(&mut self, tally: &Tally) {
         self.started = Instant::now();
@@ -85,19 +98,30 @@ impl Progress {
         }
     }
 
-    /// Prints a message without tearing the bar.
+    /// Prints a message without tearing the bar (nothing with `--quiet`).
     pub fn note(&self, message: &str) {
         match &self.display {
             Display::Bar(bar) => bar.suspend(|| eprintln!("{message}")),
-            Display::Lines { .. } => eprintln!("{message}"),
+            Display::Lines { .. } | Display::Done => eprintln!("{message}"),
             Display::Quiet => {}
+            Display::Remote(lines) => drop(lines.send(BatchLine::Note(message.to_owned()))),
         }
     }
 
-    /// Clears the bar.
-    pub fn finish(&self) {
+    /// Prints an error, `--quiet` or not.
+    pub fn error(&self, message: &str) {
+        match &self.display {
+            Display::Bar(bar) => bar.suspend(|| eprintln!("{message}")),
+            Display::Lines { .. } | Display::Done | Display::Quiet => eprintln!("{message}"),
+            Display::Remote(lines) => drop(lines.send(BatchLine::Error(message.to_owned()))),
+        }
+    }
+
+    /// Clears the bar; later notes are plain lines.
+    pub fn finish(&mut self) {
         if let Display::Bar(bar) = &self.display {
             bar.finish_and_clear();
+            self.display = Display::Done;
         }
     }
 

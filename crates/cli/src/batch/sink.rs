@@ -1,17 +1,23 @@
 //! Where batch results go: standard output, line by line as items finish, or a file that appears whole
 //! when the batch ends (written as `FILE.partial` until then, so a reader never sees half a file). The
-//! file is created readable by its owner only, whatever the umask: results may hold personal data.
+//! file is created readable by its owner only, whatever the umask: results may hold personal data. A
+//! server's batch sends them down its response stream.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use tokio::sync::mpsc::UnboundedSender;
+
 use super::record::ResultRecord;
+use crate::serve::wire::BatchLine;
 
 /// The results' destination.
 pub enum ResultSink {
     Stdout(io::Stdout),
     File { partial: PathBuf, target: PathBuf, writer: BufWriter<File> },
+    /// A server's response stream; a client that went away is a write that fails.
+    Stream(UnboundedSender<BatchLine>),
 }
 
 impl ResultSink {
@@ -50,6 +56,9 @@ impl ResultSink {
                 serde_json::to_writer(&mut *writer, record)?;
                 writer.write_all(b"\n")
             }
+            ResultSink::Stream(lines) => lines
+                .send(BatchLine::Result(Box::new(record.clone())))
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away")),
         }
     }
 
@@ -57,6 +66,7 @@ impl ResultSink {
     pub fn finish(&mut self) -> io::Result<()> {
         match self {
             ResultSink::Stdout(out) => out.flush(),
+            ResultSink::Stream(_) => Ok(()),
             ResultSink::File { partial, target, writer } => {
                 writer.flush()?;
                 writer.get_ref().sync_all()?;

@@ -100,7 +100,7 @@ impl Source {
         let file = self.file.try_clone().map_err(|source| SourceError::Read { path: self.path.clone(), source })?;
         let mut file = file;
         file.seek(SeekFrom::Start(self.bom)).map_err(|source| SourceError::Read { path: self.path.clone(), source })?;
-        let reader: Box<dyn BufRead> = match self.encoding {
+        let reader: Box<dyn BufRead + Send + Sync> = match self.encoding {
             Encoding::Utf8 => Box::new(BufReader::with_capacity(64 * 1024, file)),
             Encoding::Utf16Le => Box::new(BufReader::with_capacity(64 * 1024, Transcode::new(file, UTF_16LE.new_decoder_without_bom_handling()))),
             Encoding::Utf16Be => Box::new(BufReader::with_capacity(64 * 1024, Transcode::new(file, UTF_16BE.new_decoder_without_bom_handling()))),
@@ -150,7 +150,7 @@ pub struct Line {
 
 /// The lines of an input.
 pub struct Lines {
-    reader: Box<dyn BufRead>,
+    reader: Box<dyn BufRead + Send + Sync>,
     max_bytes: usize,
     number: usize,
     path: PathBuf,

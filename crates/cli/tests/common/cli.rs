@@ -7,12 +7,19 @@ use std::process::Output;
 /// A private world for one test: `config.toml` (profile `sim`), a data folder and a tenant.
 pub struct CliEnv {
     pub dir: tempfile::TempDir,
+    /// More keys of the `sim` profile.
+    sim_keys: String,
 }
 
 impl CliEnv {
     /// A world whose config file holds the `sim` profile followed by `extra` TOML.
     pub fn new(extra: &str) -> CliEnv {
-        let env = CliEnv { dir: tempfile::tempdir().unwrap() };
+        CliEnv::with_sim_keys("", extra)
+    }
+
+    /// A world whose `sim` profile has these keys too (`allow = [...]`), followed by `extra` TOML.
+    pub fn with_sim_keys(sim_keys: &str, extra: &str) -> CliEnv {
+        let env = CliEnv { dir: tempfile::tempdir().unwrap(), sim_keys: sim_keys.to_owned() };
         env.write_config(extra);
         env
     }
@@ -43,6 +50,7 @@ modules = ["ExchangeOnlineManagement"]
 workers = 3
 start_timeout_secs = 120
 env = {{ EXO_SIM_TENANT = '{tenant}' }}
+{sim_keys}
 
 [profiles.sim.connect]
 command = "Connect-ExchangeOnline"
@@ -61,6 +69,7 @@ max_delay_ms = 50
 "#,
             modules = super::sim_modules().display(),
             tenant = tenant.display(),
+            sim_keys = self.sim_keys,
         );
         std::fs::write(self.config(), text).unwrap();
     }
