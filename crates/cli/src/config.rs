@@ -41,6 +41,37 @@ pub struct ConfigFile {
     /// Profiles by name.
     #[serde(default)]
     pub profiles: BTreeMap<String, Spanned<ProfileSpec>>,
+    /// How `--queue` connects to the NATS server: its credentials and TLS roots.
+    pub queue: Option<Spanned<QueueSpec>>,
+}
+
+/// The `[queue]` section: how `batch --queue`, `serve --queue` and `queue` connect to NATS. At most one
+/// way to authenticate: `user` with `password`, `token`, or `nkey_seed`; each secret names its source
+/// as a profile's secrets do (`{ env = "..." }`, `{ file = "..." }`, `{ stdin = true }` or
+/// `{ command = [...] }`), read once when psbridge starts.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSpec {
+    /// A user name, authenticated by `password`.
+    pub user: Option<String>,
+    /// The password of `user`.
+    pub password: Option<Spanned<SecretSpec>>,
+    /// A token (the server's `authorization { token = ... }`).
+    pub token: Option<Spanned<SecretSpec>>,
+    /// An nkey seed (`SU...`) whose public key the server lists.
+    pub nkey_seed: Option<Spanned<SecretSpec>>,
+    /// A PEM file of CA certificates, for a `tls://` server whose certificate a private CA signed
+    /// (the system's roots are trusted too).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl QueueSpec {
+    /// The secrets this section names, with their keys.
+    pub fn secrets(&self) -> impl Iterator<Item = (&'static str, &SecretSpec)> {
+        [("password", &self.password), ("token", &self.token), ("nkey_seed", &self.nkey_seed)]
+            .into_iter()
+            .filter_map(|(key, spec)| Some((key, spec.as_ref()?.get_ref())))
+    }
 }
 
 /// One profile. Every field is optional; defaults are those of `RunspaceBuilder` and `RunspacePool`.
@@ -414,6 +445,9 @@ impl Config {
                 }
             }
         }
+        if let Some(queue) = &self.file.queue {
+            self.validate_queue(queue)?;
+        }
         if let Some(default) = &self.file.default_profile
             && default != SIMULATED
             && !self.file.profiles.contains_key(default)
@@ -422,6 +456,36 @@ impl Config {
                 self.line_of("default_profile"),
                 format!("default_profile names `{default}`, which is not defined; profiles: {}", self.profile_names()),
             ));
+        }
+        Ok(())
+    }
+
+    /// The `[queue]` section: one way to authenticate, and secrets that each name one source.
+    fn validate_queue(&self, queue: &Spanned<QueueSpec>) -> Result<(), ConfigError> {
+        let spec = queue.get_ref();
+        let ways = [spec.user.is_some() || spec.password.is_some(), spec.token.is_some(), spec.nkey_seed.is_some()];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return Err(self.invalid(queue.span(), "queue: give one way to authenticate: user and password, token, or nkey_seed".to_owned()));
+        }
+        if spec.user.is_some() != spec.password.is_some() {
+            return Err(self.invalid(queue.span(), "queue: user and password go together".to_owned()));
+        }
+        for (key, secret) in [("password", &spec.password), ("token", &spec.token), ("nkey_seed", &spec.nkey_seed)] {
+            let Some(secret) = secret else { continue };
+            let source = secret.get_ref();
+            let sources = [source.env.is_some(), source.file.is_some(), source.stdin == Some(true), source.command.is_some()];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(self.invalid(
+                    secret.span(),
+                    format!("queue.{key}: give exactly one source: {{ env = \"VARIABLE\" }}, {{ file = \"/path\" }}, {{ stdin = true }} or {{ command = [...] }}"),
+                ));
+            }
+            if source.command.as_ref().is_some_and(|argv| argv.first().is_none_or(|program| program.trim().is_empty())) {
+                return Err(self.invalid(secret.span(), format!("queue.{key}: command needs the program first, then its arguments")));
+            }
+            if source.kind != SecretKind::SecureString {
+                return Err(self.invalid(secret.span(), format!("queue.{key}: `as` is for a command's parameters; leave it out here")));
+            }
         }
         Ok(())
     }

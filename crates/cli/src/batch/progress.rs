@@ -25,6 +25,9 @@ pub struct Tally {
     pub not_run: usize,
     /// Items that ran in this run and finished (succeeded or failed).
     pub ran: usize,
+    /// Queued batches: runs that finished after another host had already recorded the item's result
+    /// (their results were dropped; the first one recorded stands).
+    pub duplicates: usize,
 }
 
 impl Tally {
