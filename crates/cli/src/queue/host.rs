@@ -158,15 +158,17 @@ impl Served {
         let mut backoff = OPEN_BACKOFF.0;
         let mut next: Option<Partition> = None;
         while !self.shutdown.is_cancelled() {
-            let partition = match next.take() {
-                Some(partition) if self.claim(partition) => partition,
-                _ => match self.pick().await {
-                    Some(partition) => partition,
-                    None => {
-                        self.pause(IDLE_WAIT).await;
-                        continue;
-                    }
+            let picked = match next.take() {
+                Some(partition) if self.claim(partition) => Some(partition),
+                // A queue that does not answer does not hold up a host that stops.
+                _ => tokio::select! {
+                    picked = self.pick() => picked,
+                    () = self.shutdown.cancelled() => return,
                 },
+            };
+            let Some(partition) = picked else {
+                self.pause(IDLE_WAIT).await;
+                continue;
             };
             // Only with an open pool: while its workers cannot connect, nothing is taken.
             let lease = match self.pools.get(&self.profile).await {
@@ -184,7 +186,15 @@ impl Served {
                 }
             };
             backoff = OPEN_BACKOFF.0;
-            let message = match self.fetch(partition).await {
+            let fetched = tokio::select! {
+                fetched = self.fetch(partition) => fetched,
+                () = self.shutdown.cancelled() => {
+                    // A message delivered meanwhile comes back after the ack wait.
+                    self.release(partition);
+                    return;
+                }
+            };
+            let message = match fetched {
                 Ok(Some(message)) => message,
                 Ok(None) => {
                     self.empty(partition);
@@ -364,12 +374,16 @@ impl Served {
     }
 
     /// Whether the item should run: its batch is open, in the generation that published it, and the item
-    /// has no result yet (a copy published again after the first finished).
+    /// has no result yet (a copy published again after the first finished). A batch that cannot be
+    /// found is an error, not a reason to drop the item: a server restoring its streams after a restart
+    /// may not show it yet (batch records are never deleted).
     async fn still_wanted(&self, work: &WorkItem, key: &str) -> Result<bool, QueueError> {
         let batch = self.queue.batches.get(&work.batch).await.map_err(QueueError::jetstream("read a batch"))?;
-        let open = batch
-            .and_then(|bytes| serde_json::from_slice::<BatchRecord>(&bytes).ok())
-            .is_some_and(|record| record.state == BatchState::Open && record.generation == work.generation);
+        let Some(batch) = batch else {
+            return Err(QueueError::UnknownBatch { batch: work.batch.clone() });
+        };
+        let open = serde_json::from_slice::<BatchRecord>(&batch)
+            .is_ok_and(|record| record.state == BatchState::Open && record.generation == work.generation);
         if !open {
             return Ok(false);
         }

@@ -351,9 +351,18 @@ impl Submitter {
     /// Records that every item of the batch is published (`items` of them, finished ones included).
     async fn published(&self, items: usize) -> Result<(), QueueError> {
         let batches = &self.queue.batches;
+        let mut missing = 0;
         loop {
             let entry = batches.entry(&self.batch).await.map_err(QueueError::jetstream("read the batch"))?;
-            let Some(entry) = entry else { return Err(QueueError::UnknownBatch { batch: self.batch.clone() }) };
+            let Some(entry) = entry else {
+                // Made by this run: a server still restoring its streams may not show it yet.
+                missing += 1;
+                if missing > 20 {
+                    return Err(QueueError::UnknownBatch { batch: self.batch.clone() });
+                }
+                tokio::time::sleep(PUBLISH_RETRY).await;
+                continue;
+            };
             let mut record: BatchRecord = serde_json::from_slice(&entry.value).map_err(QueueError::jetstream("read the batch"))?;
             if record.state == BatchState::Cancelled {
                 return Ok(());
@@ -403,45 +412,92 @@ async fn recv(signals: &mut Option<Signals>) -> Interrupt {
     }
 }
 
-/// Publishes work items with their message ids, [`PUBLISH_WINDOW`] awaiting acknowledgement at a time,
-/// each again until the stream has it (the id makes a repeat harmless).
+/// Publishes work items with their message ids, each again until the stream has it (the id makes a
+/// repeat harmless). The items of one keyed partition go one after the other, each once the stream
+/// acknowledged the one before, so that the stream holds a key's items in input order even when a
+/// publish must be repeated; unkeyed items, and different partitions, go in parallel, at most
+/// [`PUBLISH_WINDOW`] awaiting their acknowledgement.
 struct Publisher {
     jetstream: async_nats::jetstream::Context,
-    pending: FuturesUnordered<futures_util::future::BoxFuture<'static, ()>>,
+    /// Per keyed partition, the task publishing its items in order.
+    lanes: HashMap<usize, tokio::sync::mpsc::Sender<Outgoing>>,
+    tasks: tokio::task::JoinSet<()>,
+    /// Unkeyed items awaiting their acknowledgement.
+    unkeyed: FuturesUnordered<futures_util::future::BoxFuture<'static, ()>>,
 }
+
+/// One message to publish.
+struct Outgoing {
+    subject: String,
+    id: String,
+    payload: bytes::Bytes,
+}
+
+/// Items a partition's lane holds before the input waits for it.
+const LANE_DEPTH: usize = 64;
 
 impl Publisher {
     fn new(jetstream: async_nats::jetstream::Context) -> Publisher {
-        Publisher { jetstream, pending: FuturesUnordered::new() }
+        Publisher { jetstream, lanes: HashMap::new(), tasks: tokio::task::JoinSet::new(), unkeyed: FuturesUnordered::new() }
     }
 
-    /// Publishes `item` of `profile`, once there is room in the window. Cancel safe (nothing is
-    /// published then).
+    /// Publishes `item` of `profile` (for a keyed item: hands it to its partition's lane). Cancel safe:
+    /// dropped before it returns, the item is not published.
     async fn publish(&mut self, item: &WorkItem, profile: &str) {
-        while self.pending.len() >= PUBLISH_WINDOW {
-            self.pending.next().await;
-        }
-        let subject = work_subject(profile, Partition::of(item.key.as_deref()));
-        let id = format!("{}.{}", result_key(&item.batch, &item.item), item.generation);
-        let payload = encode(item);
-        let jetstream = self.jetstream.clone();
-        self.pending.push(Box::pin(async move {
-            loop {
-                let message = PublishMessage::build().payload(payload.clone()).message_id(&id);
-                match jetstream.send_publish(subject.clone(), message).await {
-                    Ok(ack) => match ack.await {
-                        Ok(_) => return,
-                        Err(error) => tracing::warn!(%error, "publishing an item was not acknowledged; publishing it again"),
-                    },
-                    Err(error) => tracing::warn!(%error, "cannot publish an item; trying again"),
-                }
-                tokio::time::sleep(PUBLISH_RETRY).await;
+        let partition = Partition::of(item.key.as_deref());
+        let outgoing = Outgoing {
+            subject: work_subject(profile, partition),
+            id: format!("{}.{}", result_key(&item.batch, &item.item), item.generation),
+            payload: encode(item),
+        };
+        match partition {
+            Partition::Keyed(n) => {
+                let lane = match self.lanes.get(&n) {
+                    Some(lane) => lane.clone(),
+                    None => {
+                        let (lane, mut queued) = tokio::sync::mpsc::channel::<Outgoing>(LANE_DEPTH);
+                        let jetstream = self.jetstream.clone();
+                        self.tasks.spawn(async move {
+                            while let Some(outgoing) = queued.recv().await {
+                                publish_until_stored(&jetstream, outgoing).await;
+                            }
+                        });
+                        self.lanes.insert(n, lane.clone());
+                        lane
+                    }
+                };
+                // The lane ends only when this publisher drops it.
+                let _ = lane.send(outgoing).await;
             }
-        }));
+            Partition::Unkeyed => {
+                while self.unkeyed.len() >= PUBLISH_WINDOW {
+                    self.unkeyed.next().await;
+                }
+                let jetstream = self.jetstream.clone();
+                self.unkeyed.push(Box::pin(async move { publish_until_stored(&jetstream, outgoing).await }));
+            }
+        }
     }
 
     /// Waits until every item published is in the stream.
     async fn finish(&mut self) {
-        while self.pending.next().await.is_some() {}
+        self.lanes.clear();
+        while self.unkeyed.next().await.is_some() {}
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Publishes one message until the stream acknowledges it.
+async fn publish_until_stored(jetstream: &async_nats::jetstream::Context, outgoing: Outgoing) {
+    loop {
+        let message = PublishMessage::build().payload(outgoing.payload.clone()).message_id(&outgoing.id);
+        match jetstream.send_publish(outgoing.subject.clone(), message).await {
+            Ok(ack) => match ack.await {
+                Ok(_) => return,
+                Err(error) => tracing::warn!(%error, "publishing an item was not acknowledged; publishing it again"),
+            },
+            Err(error) => tracing::warn!(%error, "cannot publish an item; trying again"),
+        }
+        tokio::time::sleep(PUBLISH_RETRY).await;
     }
 }
