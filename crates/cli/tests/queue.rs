@@ -23,6 +23,8 @@ use serde_json::{Value, json};
 const ACK_WAIT_SECS: u64 = 5;
 /// Workers per host (hosts are separate processes, on a 2-core CI machine).
 const WORKERS: usize = 2;
+/// The simulated tenant's organization.
+const ORGANIZATION: &str = "contoso.onmicrosoft.com";
 
 /// A nats-server with JetStream on a free loopback port, its store in `dir`; killed when dropped.
 struct Nats {
@@ -110,8 +112,8 @@ fn password() -> &'static str {
 }
 
 /// The configuration every test adds to the `sim` profile: the queue's credentials, and a second
-/// profile `other` on the same tenant.
-fn queue_config(env_dir: &Path) -> String {
+/// profile `other` on the same tenant, whose connect names `organization`.
+fn queue_config(env_dir: &Path, organization: &str) -> String {
     let tenant = env_dir.join("tenant");
     format!(
         r#"
@@ -127,7 +129,7 @@ env = {{ EXO_SIM_TENANT = '{tenant}' }}
 
 [profiles.other.connect]
 command = "Connect-ExchangeOnline"
-parameters = {{ ManagedIdentity = true, Organization = "contoso.onmicrosoft.com", ShowBanner = false, EXOModuleBasePath = '{tenant}' }}
+parameters = {{ ManagedIdentity = true, Organization = "{organization}", ShowBanner = false, EXOModuleBasePath = '{tenant}' }}
 "#,
         modules = common::sim_modules().display(),
         tenant = tenant.display(),
@@ -137,7 +139,7 @@ parameters = {{ ManagedIdentity = true, Organization = "contoso.onmicrosoft.com"
 /// A world for one test: its configuration, tenant and nats-server; `None` when skipping.
 fn world() -> Option<(CliEnv, Nats)> {
     let env = CliEnv::new("");
-    env.write_config(&queue_config(env.dir.path()));
+    env.write_config(&queue_config(env.dir.path(), ORGANIZATION));
     let nats = Nats::start(env.dir.path())?;
     Some((env, nats))
 }
@@ -166,6 +168,11 @@ impl Host {
 
     /// Starts a host without waiting for it.
     fn spawn(env: &CliEnv, nats: &Nats, name: &str, profiles: &[&str], envs: &[(&str, &str)]) -> Host {
+        Host::spawn_with(env, nats, name, profiles, envs, &[])
+    }
+
+    /// Starts a host with more `serve` arguments, without waiting for it.
+    fn spawn_with(env: &CliEnv, nats: &Nats, name: &str, profiles: &[&str], envs: &[(&str, &str)], args: &[&str]) -> Host {
         use std::os::unix::process::CommandExt;
         let stderr = env.path(&format!("{name}.stderr"));
         let mut command = psbridge(env);
@@ -176,6 +183,7 @@ impl Host {
         for profile in profiles {
             command.args(["--profile", profile]);
         }
+        command.args(args);
         command.envs(envs.iter().copied()).env("RUST_LOG", "warn,psbridge=info");
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&stderr).unwrap()).process_group(0);
         Host { child: command.spawn().unwrap(), stderr }
@@ -536,7 +544,6 @@ fn a_host_serving_only_profile_a_never_runs_an_item_of_profile_b() {
     assert_eq!(a_run.status.code(), Some(0), "{}", text(&a_run.stderr));
     let slow = jsonl(&read(&a_output)).into_iter().find(|r| r["id"] == "slow").unwrap();
     assert_eq!((slow["attempts"].as_u64(), slow.get("resumed_in_flight")), (Some(1), None), "{slow}");
-    assert_eq!(status(&env, &nats, "profile-a")["duplicates"], 0, "the slow command ran once");
     // Profile A's batch is done; B's waits for a host that serves B.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(status(&env, &nats, &b_batch)["finished"], 0);
@@ -552,6 +559,38 @@ fn a_host_serving_only_profile_a_never_runs_an_item_of_profile_b() {
     assert!(by(81..=100).is_subset(&a_workers), "profile A's items ran on host A");
     assert!(by(101..=120).is_subset(&b_workers), "profile B's items ran on host B only");
     assert_eq!(writes.len(), 40);
+    // By now a second run of the slow command would have ended (and been counted).
+    assert_eq!(status(&env, &nats, "profile-a")["duplicates"], 0, "the slow command ran once");
+}
+
+#[test]
+fn a_host_whose_workers_cannot_connect_takes_nothing() {
+    let Some((env, nats)) = world() else { return };
+    // The same profile, on another machine whose configuration cannot connect (its pool opens on
+    // demand, and fails every time).
+    let broken = CliEnv::new("");
+    broken.write_config(&queue_config(env.dir.path(), "nowhere.onmicrosoft.com"));
+    let bad = Host::spawn_with(&broken, &nats, "broken", &["other"], &[], &["--lazy"]);
+    bad.wait_ready();
+    let items: Vec<Value> =
+        (1..=10).map(|n| json!({ "command": "Set-Mailbox", "parameters": { "Identity": format!("ContosoUser{n}"), "Office": "N" } })).collect();
+    let input = write_items(&env, "no-connect.jsonl", &items);
+    let output = env.path("no-connect-results.jsonl");
+    detach(&env, &nats, "other", &input, &output, &["--batch-id", "no-connect"]);
+    let end = Instant::now() + Duration::from_secs(90);
+    while !read(&bad.stderr).contains("taking no queued items until the pool opens") {
+        assert!(Instant::now() < end, "the broken host never tried: {}", read(&bad.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(status(&env, &nats, "no-connect")["finished"], 0);
+    // A host that can connect runs them all, each on its first delivery: the broken one took none.
+    let _good = Host::start(&env, &nats, "good", &["other"], &[]);
+    let run = finish(submit(&env, &nats, "other", &input, &output, &["--batch-id", "no-connect"]), Duration::from_secs(120));
+    assert_eq!(run.status.code(), Some(0), "{} {}", text(&run.stderr), read(&output));
+    let results = jsonl(&read(&output));
+    assert_eq!(results.len(), 10);
+    assert!(results.iter().all(|r| r["status"] == "succeeded" && r["attempts"] == 1 && r.get("resumed_in_flight").is_none()), "{results:?}");
 }
 
 #[test]
