@@ -32,6 +32,8 @@ use crate::Globals;
 
 /// Publishes awaiting their acknowledgement at once.
 const PUBLISH_WINDOW: usize = 256;
+/// How often a waiting submitter updates its progress and looks whether the batch was cancelled.
+const CANCEL_CHECK: Duration = Duration::from_secs(1);
 /// Between attempts to publish when the server does not answer.
 const PUBLISH_RETRY: Duration = Duration::from_millis(500);
 
@@ -128,7 +130,6 @@ impl Submitter {
         let prefix = format!("{}.", self.batch);
         let (mut results, recorded) = BatchWatch::open::<StoredResult>(&self.queue.results, prefix.clone(), format!("{}.*", self.batch)).await?;
         let (mut duplicates, earlier_duplicates) = BatchWatch::open::<Duplicate>(&self.queue.duplicates, prefix, format!("{}.>", self.batch)).await?;
-        let mut batch_changes = self.queue.batches.watch(&self.batch).await.map_err(QueueError::jetstream("watch the batch"))?;
         let mut tally = Tally { duplicates: earlier_duplicates.len(), ..Tally::default() };
         let recorded: HashMap<String, StoredResult> = recorded.into_iter().collect();
         if !recorded.is_empty() {
@@ -136,7 +137,9 @@ impl Submitter {
         }
 
         // The input, item by item: what needs no run is written now, the rest is published (unless an
-        // earlier run published all of it) and awaited.
+        // earlier run published all of it) and awaited. The rate counts from here: the hosts may begin
+        // as soon as the first item is out.
+        progress.begin(&tally);
         let mut publisher = (record.items.is_none()).then(|| Publisher::new(self.queue.jetstream.clone()));
         let mut waiting: HashMap<String, ResultRecord> = HashMap::new();
         let mut done: HashSet<String> = HashSet::new();
@@ -218,10 +221,9 @@ impl Submitter {
             return Ok(EXIT_OK);
         }
 
-        progress.begin(&tally);
-        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        let mut ticker = tokio::time::interval(CANCEL_CHECK);
         let mut cancelled = false;
-        while !waiting.is_empty() && interrupted.is_none() {
+        while !waiting.is_empty() && interrupted.is_none() && !cancelled {
             tokio::select! {
                 (token, stored) = results.next::<StoredResult>() => {
                     let Some(pending) = waiting.remove(&token) else {
@@ -244,17 +246,14 @@ impl Submitter {
                     progress.update(&tally);
                 }
                 _ = duplicates.next::<Duplicate>() => tally.duplicates += 1,
-                Some(change) = batch_changes.next() => {
-                    let cancel = change.ok().and_then(|entry| serde_json::from_slice::<BatchRecord>(&entry.value).ok())
-                        .is_some_and(|record| record.state == BatchState::Cancelled);
-                    if cancel {
+                signal = recv(&mut signals) => interrupted = Some(signal),
+                _ = ticker.tick() => {
+                    progress.update(&tally);
+                    if self.cancelled().await {
                         progress.note(&format!("psbridge batch: batch {} was cancelled; the items that had not begun do not run", self.batch));
                         cancelled = true;
-                        break;
                     }
                 }
-                signal = recv(&mut signals) => interrupted = Some(signal),
-                _ = ticker.tick() => progress.update(&tally),
             }
         }
         // Whatever did not finish is still accounted for, in input order.
@@ -374,6 +373,12 @@ impl Submitter {
                 Err(error) => return Err(QueueError::jetstream("update the batch")(error)),
             }
         }
+    }
+
+    /// Whether `psbridge queue cancel` cancelled the batch (a record that cannot be read says no).
+    async fn cancelled(&self) -> bool {
+        let record = self.queue.batches.get(&self.batch).await.ok().flatten();
+        record.and_then(|bytes| serde_json::from_slice::<BatchRecord>(&bytes).ok()).is_some_and(|record| record.state == BatchState::Cancelled)
     }
 
     /// Writes an invalid line's result (it is never queued).
