@@ -328,7 +328,7 @@ impl Interrupts {
 pub enum Workers {
     /// A pool of its own, opened for the batch (as many workers as items, at most `--workers`) and closed
     /// at its end.
-    Own(PoolBuilder),
+    Own(Box<PoolBuilder>),
     /// A pool shared with others (a server's), left open.
     Shared(RunspacePool),
 }
@@ -471,7 +471,7 @@ impl Batch {
             options: &options,
             journal: journal_path,
             destination: Destination::Local(args.output.clone()),
-            workers: Workers::Own(pool),
+            workers: Workers::Own(Box::new(pool)),
             size: workers,
             allowed: None,
         };

@@ -183,7 +183,7 @@ pub async fn run(args: ServeArgs, globals: Globals) -> Result<(), CliError> {
     let mut secrets = SecretReader::default();
     let pools = Pools::new(load(&args, &globals, &mut secrets)?);
     let address = args.listen.clone().unwrap_or_else(Address::default_socket);
-    let listener = listen::Listener::bind(&address, args.allow_remote).await.map_err(|e| CliError::usage(e))?;
+    let listener = listen::Listener::bind(&address, args.allow_remote).await.map_err(CliError::usage)?;
     let access = auth::Access::new(args.allow_group.as_deref(), &args.token_from, &mut secrets).map_err(CliError::Usage)?;
     if listener.needs_token() && !access.has_tokens() {
         return Err(CliError::usage(format_args!(
