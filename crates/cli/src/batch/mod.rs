@@ -915,6 +915,11 @@ impl Batch {
             self.emit_not_run(ticket.record, Some(&message), tally, progress)?;
             return Err(Stop::Workers(message));
         }
+        if matches!(outcome, Err(psbridge::Error::PoolClosed)) && ticket.began.get().is_none() {
+            // A shared pool closed (its server stops) before a worker began the item: it did not run, and
+            // gets no finish record, so that running the batch again runs it.
+            return self.emit_not_run(ticket.record, Some("the pool closed before the item began"), tally, progress);
+        }
         let Ticket { mut record, identity, earlier, began, .. } = ticket;
         let elapsed = began.get().map_or(Duration::ZERO, Instant::elapsed);
         record.ran(outcome, earlier, elapsed);
