@@ -92,7 +92,8 @@ pub struct ServeArgs {
     #[arg(long = "token-from", value_name = "SOURCE", value_parser = auth::parse_token_source)]
     pub token_from: Vec<crate::config::SecretSpec>,
 
-    /// On a unix socket, let in members of this group too (besides this user).
+    /// On a unix socket, let in members of this group too (besides this user): the socket is then mode
+    /// 0660 and owned by the group.
     #[arg(long, value_name = "GROUP")]
     pub allow_group: Option<String>,
 
@@ -183,8 +184,8 @@ pub async fn run(args: ServeArgs, globals: Globals) -> Result<(), CliError> {
     let mut secrets = SecretReader::default();
     let pools = Pools::new(load(&args, &globals, &mut secrets)?);
     let address = args.listen.clone().unwrap_or_else(Address::default_socket);
-    let listener = listen::Listener::bind(&address, args.allow_remote).await.map_err(CliError::usage)?;
     let access = auth::Access::new(args.allow_group.as_deref(), &args.token_from, &mut secrets).map_err(CliError::Usage)?;
+    let listener = listen::Listener::bind(&address, args.allow_remote, access.group()).await.map_err(CliError::usage)?;
     if listener.needs_token() && !access.has_tokens() {
         return Err(CliError::usage(format_args!(
             "{address} is a TCP address: give --token-from env:VARIABLE or file:PATH, the bearer token clients must send"
