@@ -37,7 +37,8 @@ use pools::{Pools, Served};
 /// Serve one warm, connected pool of workers per profile over an HTTP/JSON API, for `run --server`,
 /// `batch --server` and any HTTP client.
 ///
-/// Each profile (--profile, repeatable; --simulated adds the built-in one) gets a pool, opened at launch
+/// Each profile (--profile, repeatable; --simulated adds the built-in one; neither: every profile of the
+/// configuration file) gets a pool, opened at launch
 /// (or, with --lazy, on first use) and closed after --idle-timeout without requests (opened again on
 /// demand). The API is under /v1 (its OpenAPI document at /v1/openapi.json); /metrics is Prometheus
 /// text. On a unix socket (the default: $XDG_RUNTIME_DIR/psbridge.sock) only this user and members of
@@ -135,14 +136,18 @@ pub enum LogFormat {
     Json,
 }
 
-/// The profiles to serve: those named (several `--profile`), the simulated one with `--simulated`, else
-/// the file's default profile.
+/// The profiles to serve: those named (several `--profile`) and the simulated one with `--simulated`;
+/// else every profile of the file (so that a reload adds the profiles added to it), else its
+/// `default_profile`.
 fn profile_names(globals: &Globals, config: &Config, simulated: bool) -> Result<Vec<String>, CliError> {
     let mut names: Vec<String> = Vec::new();
     for name in globals.profiles.iter().cloned().chain(simulated.then(|| SIMULATED.to_owned())) {
         if !names.contains(&name) {
             names.push(name);
         }
+    }
+    if names.is_empty() {
+        names.extend(config.file.profiles.keys().cloned());
     }
     if names.is_empty() {
         names.extend(config.chosen(None).map(str::to_owned));
