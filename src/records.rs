@@ -274,8 +274,10 @@ mod milliseconds {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let ms = f64::deserialize(d)?;
-        // Out of range (negative, not finite, beyond a Duration) is zero or the most a Duration holds.
-        Ok(Duration::try_from_secs_f64(ms.max(0.0) / 1000.0).unwrap_or(Duration::MAX))
+        // Whole nanoseconds, so that what was written comes back the same; negative or not a number is
+        // zero, and beyond u64 nanoseconds (584 years) the most that fits.
+        let nanos = (ms * 1e6).round();
+        Ok(if nanos.is_nan() || nanos <= 0.0 { Duration::ZERO } else { Duration::from_nanos(nanos.min(u64::MAX as f64) as u64) })
     }
 }
 
@@ -409,5 +411,33 @@ impl InvocationResult {
     /// ```
     pub fn succeeded(&self) -> bool {
         self.errors.is_empty() && Completion::from(self).ended_well()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_and_stream_items_travel_as_json_and_come_back_the_same() {
+        let result = InvocationResult {
+            output: vec![PsObject { type_names: vec!["System.String".into()], value: "x".into() }],
+            warnings: vec!["careful".into()],
+            duration: Duration::from_micros(1_500),
+            exit_code: Some(3),
+            attempts: 2,
+            ..InvocationResult::default()
+        };
+        let json = serde_json::to_value(&result).unwrap();
+        assert_eq!(json["duration_ms"], 1.5);
+        assert_eq!(json["state"], "Completed");
+        assert_eq!(serde_json::from_value::<InvocationResult>(json).unwrap(), result);
+        let item = StreamItem::Warning("careful".into());
+        assert_eq!(serde_json::to_string(&item).unwrap(), r#"{"warning":"careful"}"#);
+        let completion = Completion { duration: Duration::from_millis(2), native_exit_code: Some(1), ..Completion::default() };
+        let text = serde_json::to_string(&completion).unwrap();
+        assert_eq!(serde_json::from_str::<Completion>(&text).unwrap(), completion);
+        let negative: Completion = serde_json::from_str(r#"{"had_errors":false,"state":"Failed","duration_ms":-5,"exit_code":null,"native_exit_code":null}"#).unwrap();
+        assert_eq!(negative.duration, Duration::ZERO);
     }
 }

@@ -399,7 +399,7 @@ impl Interrupts {
 pub enum Workers {
     /// A pool of its own, opened for the batch (as many workers as items, at most `--workers`) and closed
     /// at its end.
-    Own(PoolBuilder),
+    Own(Box<PoolBuilder>),
     /// A pool shared with others (a server's), left open.
     Shared(RunspacePool),
 }
@@ -542,7 +542,7 @@ impl Batch {
             options: &options,
             journal: journal_path,
             destination: Destination::Local(args.output.clone()),
-            workers: Workers::Own(pool),
+            workers: Workers::Own(Box::new(pool)),
             size: workers,
             allowed: None,
         };
@@ -958,6 +958,11 @@ impl Batch {
             let message = error.to_string();
             self.emit_not_run(ticket.record, Some(&message), tally, progress)?;
             return Err(Stop::Workers(message));
+        }
+        if matches!(outcome, Err(psbridge::Error::PoolClosed)) && ticket.began.get().is_none() {
+            // A shared pool closed (its server stops) before a worker began the item: it did not run, and
+            // gets no finish record, so that running the batch again runs it.
+            return self.emit_not_run(ticket.record, Some("the pool closed before the item began"), tally, progress);
         }
         let Ticket { mut record, identity, earlier, began, .. } = ticket;
         let elapsed = began.get().map_or(Duration::ZERO, Instant::elapsed);

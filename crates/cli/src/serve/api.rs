@@ -149,6 +149,10 @@ impl Audited {
 impl Drop for Audited {
     fn drop(&mut self) {
         let entry = self.entry.get_mut().unwrap_or_else(|p| p.into_inner());
+        if entry.outcome.is_empty() {
+            // The request ended before anything said how: the client went away.
+            entry.outcome = "disconnected".to_owned();
+        }
         entry.time = audit::now();
         entry.duration_ms = wire::millis(self.started.elapsed());
         self.state.audit.write(entry);

@@ -83,6 +83,11 @@ impl Access {
         Ok(Access { owner: own_uid(), group, tokens })
     }
 
+    /// The group whose members may connect besides the server's user, by id.
+    pub fn group(&self) -> Option<u32> {
+        self.group.as_ref().map(|(_, gid)| *gid)
+    }
+
     /// Whether any token is configured.
     pub fn has_tokens(&self) -> bool {
         !self.tokens.is_empty()

@@ -69,10 +69,10 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds `address`: a unix socket is created with mode 0600 (a stale socket file nobody listens on is
-    /// replaced; the default socket's private folder is created 0700), a TCP address must be loopback
-    /// unless `allow_remote`.
-    pub async fn bind(address: &Address, allow_remote: bool) -> Result<Listener, ListenError> {
+    /// Binds `address`: a unix socket is created with mode 0600, or 0660 and owned by `group` when its
+    /// members may connect too (a stale socket file nobody listens on is replaced; the default socket's
+    /// private folder is created 0700); a TCP address must be loopback unless `allow_remote`.
+    pub async fn bind(address: &Address, allow_remote: bool, group: Option<u32>) -> Result<Listener, ListenError> {
         let bind_error = |source| ListenError::Bind { address: address.clone(), source };
         match address {
             #[cfg(unix)]
@@ -89,12 +89,20 @@ impl Listener {
                 }
                 let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
                 // Before the first accept: a peer that connected in between is still checked by uid.
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
+                let mode = match group {
+                    Some(gid) => {
+                        std::os::unix::fs::chown(path, None, Some(gid)).map_err(bind_error)?;
+                        0o660
+                    }
+                    None => 0o600,
+                };
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_error)?;
                 Ok(Listener::Unix { listener, path: path.clone() })
             }
             #[cfg(not(unix))]
             Address::Unix(_) => Err(ListenError::NoUnixSockets(address.clone())),
             Address::Tcp { host, port } => {
+                let _ = group; // a unix socket's matter
                 let listener = tokio::net::TcpListener::bind((host.as_str(), *port)).await.map_err(bind_error)?;
                 let local = listener.local_addr().map_err(bind_error)?;
                 if !local.ip().is_loopback() && !allow_remote {

@@ -120,7 +120,8 @@ impl Metrics {
                 let _ = writeln!(out, "psbridge_workers{{profile=\"{profile}\",state=\"{label}\"}} {count}");
             }
         }
-        let counters: [(&str, &str, fn(&psbridge::Counters) -> u64); 4] = [
+        type Read = fn(&psbridge::Counters) -> u64;
+        let counters: [(&str, &str, Read); 4] = [
             ("psbridge_worker_restarts_total", "Workers replaced after they died, in the open pool.", |c| c.restarts),
             ("psbridge_retries_total", "Attempts repeated (throttling, a dead worker), in the open pool.", |c| c.retries),
             ("psbridge_throttled_total", "Attempts repeated because the service throttled them, in the open pool.", |c| c.throttled),

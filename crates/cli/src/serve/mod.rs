@@ -37,7 +37,8 @@ use pools::{Pools, Served};
 /// Serve one warm, connected pool of workers per profile over an HTTP/JSON API, for `run --server`,
 /// `batch --server` and any HTTP client.
 ///
-/// Each profile (--profile, repeatable; --simulated adds the built-in one) gets a pool, opened at launch
+/// Each profile (--profile, repeatable; --simulated adds the built-in one; neither: every profile of the
+/// configuration file) gets a pool, opened at launch
 /// (or, with --lazy, on first use) and closed after --idle-timeout without requests (opened again on
 /// demand). The API is under /v1 (its OpenAPI document at /v1/openapi.json); /metrics is Prometheus
 /// text. On a unix socket (the default: $XDG_RUNTIME_DIR/psbridge.sock) only this user and members of
@@ -92,7 +93,8 @@ pub struct ServeArgs {
     #[arg(long = "token-from", value_name = "SOURCE", value_parser = auth::parse_token_source)]
     pub token_from: Vec<crate::config::SecretSpec>,
 
-    /// On a unix socket, let in members of this group too (besides this user).
+    /// On a unix socket, let in members of this group too (besides this user): the socket is then mode
+    /// 0660 and owned by the group.
     #[arg(long, value_name = "GROUP")]
     pub allow_group: Option<String>,
 
@@ -146,14 +148,18 @@ pub enum LogFormat {
     Json,
 }
 
-/// The profiles to serve: those named (several `--profile`), the simulated one with `--simulated`, else
-/// the file's default profile.
+/// The profiles to serve: those named (several `--profile`) and the simulated one with `--simulated`;
+/// else every profile of the file (so that a reload adds the profiles added to it), else its
+/// `default_profile`.
 fn profile_names(globals: &Globals, config: &Config, simulated: bool) -> Result<Vec<String>, CliError> {
     let mut names: Vec<String> = Vec::new();
     for name in globals.profiles.iter().cloned().chain(simulated.then(|| SIMULATED.to_owned())) {
         if !names.contains(&name) {
             names.push(name);
         }
+    }
+    if names.is_empty() {
+        names.extend(config.file.profiles.keys().cloned());
     }
     if names.is_empty() {
         names.extend(config.chosen(None).map(str::to_owned));
@@ -195,8 +201,8 @@ pub async fn run(args: ServeArgs, globals: Globals) -> Result<(), CliError> {
     let mut secrets = SecretReader::default();
     let pools = Pools::new(load(&args, &globals, &mut secrets)?);
     let address = args.listen.clone().unwrap_or_else(Address::default_socket);
-    let listener = listen::Listener::bind(&address, args.allow_remote).await.map_err(|e| CliError::usage(e))?;
     let access = auth::Access::new(args.allow_group.as_deref(), &args.token_from, &mut secrets).map_err(CliError::Usage)?;
+    let listener = listen::Listener::bind(&address, args.allow_remote, access.group()).await.map_err(CliError::usage)?;
     if listener.needs_token() && !access.has_tokens() {
         return Err(CliError::usage(format_args!(
             "{address} is a TCP address: give --token-from env:VARIABLE or file:PATH, the bearer token clients must send"
