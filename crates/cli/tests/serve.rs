@@ -113,6 +113,9 @@ impl Reply {
     }
 }
 
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
 /// One HTTP/1.1 request over `address` (unix:PATH or tcp:HOST:PORT), read to its end (chunked bodies
 /// decoded), so that status codes and headers can be checked without psbridge's own client.
 fn http(address: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
@@ -121,16 +124,22 @@ fn http(address: &str, method: &str, path: &str, headers: &[(&str, &str)], body:
         request += &format!("{name}: {value}\r\n");
     }
     request += "\r\n";
-    let mut answer = Vec::new();
-    if let Some(path) = address.strip_prefix("unix:") {
-        let mut stream = std::os::unix::net::UnixStream::connect(path).unwrap();
-        stream.write_all(request.as_bytes()).and_then(|()| stream.write_all(body)).unwrap();
+    let mut request = request.into_bytes();
+    request.extend_from_slice(body);
+    // The server may answer (and close) before it reads the body, say for an unknown profile: a write
+    // that finds the connection closed still has the answer to read.
+    let exchange = |stream: &mut dyn ReadWrite| {
+        if let Err(error) = stream.write_all(&request) {
+            assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "{error}");
+        }
+        let mut answer = Vec::new();
         stream.read_to_end(&mut answer).unwrap();
-    } else {
-        let mut stream = std::net::TcpStream::connect(address.strip_prefix("tcp:").unwrap()).unwrap();
-        stream.write_all(request.as_bytes()).and_then(|()| stream.write_all(body)).unwrap();
-        stream.read_to_end(&mut answer).unwrap();
-    }
+        answer
+    };
+    let answer = match address.strip_prefix("unix:") {
+        Some(path) => exchange(&mut std::os::unix::net::UnixStream::connect(path).unwrap()),
+        None => exchange(&mut std::net::TcpStream::connect(address.strip_prefix("tcp:").unwrap()).unwrap()),
+    };
     let split = answer.windows(4).position(|w| w == b"\r\n\r\n").expect("a head");
     let head = text(&answer[..split]);
     let mut rest = answer[split + 4..].to_vec();
@@ -172,7 +181,7 @@ fn gone_within(pid: u32, limit: Duration) -> bool {
 #[test]
 fn ci_steps_share_one_connected_worker_and_a_killed_server_leaves_no_pwsh() {
     let env = CliEnv::new("");
-    let mut server = Server::start(
+    let server = Server::start(
         &env,
         &["--simulated", "--listen", "tcp:127.0.0.1:0", "--token-from", "env:PSBRIDGE_TOKEN"],
         &[("EXO_SIM_CONNECT_DELAY_MS", "3000"), ("PSBRIDGE_TOKEN", TOKEN)],
@@ -182,7 +191,10 @@ fn ci_steps_share_one_connected_worker_and_a_killed_server_leaves_no_pwsh() {
     // Not healthy while the worker connects (3 s); then healthy.
     let early = server.get("/v1/health");
     assert_eq!(early.status, 503, "health before the workers are connected: {}", text(&early.body));
-    server.wait_for("psbridge serve: ready");
+    // `server status --wait` is a CI job's step 0: it returns once the server is healthy.
+    let (waited, _) = client(&env, &["server", "status", "--server", &address, "--token-from", "env:PSBRIDGE_TOKEN", "--wait", "120", "--json"]);
+    assert_eq!(waited.status.code(), Some(0), "{}", text(&waited.stderr));
+    assert_eq!(serde_json::from_slice::<Value>(&waited.stdout).unwrap()["healthy"], true);
     assert_eq!(server.get("/v1/health").status, 200);
 
     // Tokens: none, a wrong one (both 401, exit 2, no secret in the message), the right one.
