@@ -794,3 +794,18 @@ async fn the_host_cache_keeps_other_powershell_versions_builds() {
     assert!(!stale_same_version.exists() && !unversioned.exists(), "stale builds are removed: {builds:?}");
     assert_eq!(builds.iter().filter(|b| b.starts_with(&format!("PsBridgeHost-{version}-"))).count(), 1, "{builds:?}");
 }
+
+/// The worker puts /dev/null in place of its stdin. .NET's default for `File.Open` (FileShare.None) takes
+/// an exclusive flock, and /dev/null is one file for every process: workers starting at the same moment
+/// failed their handshake with "being used by another process". A shared lock held here, as another
+/// process opening /dev/null would hold one, must not stop a worker from starting.
+#[tokio::test]
+async fn a_worker_starts_while_another_process_holds_a_lock_on_dev_null() {
+    use nix::fcntl::{Flock, FlockArg};
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    let lock = Flock::lock(devnull, FlockArg::LockSharedNonblock).map_err(|(_, errno)| errno).unwrap();
+    let opened = common::plain().await;
+    drop(lock);
+    assert!(opened.pid() > 0);
+    opened.close().await.unwrap();
+}

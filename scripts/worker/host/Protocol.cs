@@ -111,13 +111,16 @@ namespace PsBridge
             if (OperatingSystem.IsWindows())
             {
                 IntPtr real = GetStdHandle(STD_INPUT);
-                var nul = File.Open("NUL", FileMode.Open, FileAccess.Read);
+                var nul = File.Open("NUL", FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
                 SetStdHandle(STD_INPUT, nul.SafeFileHandle.DangerousGetHandle());
                 return new FileStream(new SafeFileHandle(real, false), FileAccess.Read, 1);
             }
             int fd = Check(dup(0), "dup(0)");
             Check(fcntl(fd, F_SETFD, FD_CLOEXEC), "fcntl");
-            var devnull = File.Open("/dev/null", FileMode.Open, FileAccess.Read);
+            // FileShare.ReadWrite: File.Open's default, FileShare.None, makes .NET take an exclusive flock on
+            // the file, and /dev/null is one file for every process, so workers starting at the same moment
+            // failed with "being used by another process".
+            var devnull = File.Open("/dev/null", FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
             Check(dup2((int)devnull.SafeFileHandle.DangerousGetHandle(), 0), "dup2(null, 0)");
             devnull.Dispose();
             return new FileStream(new SafeFileHandle((IntPtr)fd, true), FileAccess.Read, 1);
