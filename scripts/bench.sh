@@ -2,9 +2,9 @@
 # Benchmarks psbridge against the alternatives, side by side in one run on this machine, against the
 # simulated ExchangeOnlineManagement module (scripts/sim) with no simulated latency:
 #   in-process C# (Microsoft's Samples 1 and 2 on Microsoft.PowerShell.SDK)  scripts/bench/csharp
-#   psbridge (Runspace, RunspacePool of 3)                                   examples/bench_psbridge.rs
+#   psbridge (Runspace, RunspacePool of 3)                                   crates/bench/examples/bench_psbridge.rs
 #   node-powershell (its persistent shell, JSON via ConvertTo-Json)          scripts/bench/node
-#   one-shot pwsh (a new pwsh -Command per cmdlet)                           examples/bench_oneshot.rs
+#   one-shot pwsh (a new pwsh -Command per cmdlet)                           crates/bench/examples/bench_oneshot.rs
 #
 #   scripts/bench.sh           full run: 2,000 small calls, 1,000 writes, 50,000 mailboxes
 #   scripts/bench.sh --quick   same shape, smaller counts (200, 100, 5,000)

@@ -861,4 +861,42 @@ async fn a_tenant_budget_throttles_with_retry_after_and_the_adaptive_limit_comes
     assert_eq!(totals[0], 16, "every command was admitted once in the end: {state}");
     assert!(totals[1] > 0, "and some were refused first: {state}");
     pool.close().await;
+
+/// Growth counts and checks a new slot in one atomic step: bursts of submits from many threads at once,
+/// each seeing every worker busy, still never start more than `max_workers` workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn concurrent_submits_never_grow_the_pool_past_max_workers() {
+    for round in 0..20 {
+        let pool = RunspacePool::builder(fake_worker::builder())
+            .min_workers(1)
+            .max_workers(2)
+            .wait_timeout(Duration::from_secs(60))
+            .build()
+            .await
+            .unwrap();
+        // all 64 submits are released at the same moment, so that their growth checks overlap
+        let start = Arc::new(tokio::sync::Barrier::new(64));
+        let submits: Vec<_> = (0..64)
+            .map(|_| {
+                let (pool, start) = (pool.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    pool.invoke(Command::script("sleep 5\necho 1")).await
+                })
+            })
+            .collect();
+        let mut pids = std::collections::HashSet::new();
+        let mut most = 0;
+        while !submits.iter().all(|s| s.is_finished()) {
+            most = most.max(pool.stats().workers.len());
+            pids.extend(pool.worker_pids());
+            tokio::task::yield_now().await;
+        }
+        for submit in submits {
+            assert!(submit.await.unwrap().unwrap().succeeded());
+        }
+        assert!(most <= 2, "round {round}: {most} worker slots at once with max_workers 2");
+        assert!(pids.len() <= 2, "round {round}: {} worker processes started with max_workers 2", pids.len());
+        pool.close().await;
+    }
 }

@@ -6,9 +6,14 @@ use std::time::Duration;
 
 use psbridge::{Command, Runspace, RunspaceBuilder};
 
-/// The folder holding the simulated ExchangeOnlineManagement module.
+/// The folder holding the simulated ExchangeOnlineManagement module: `scripts/sim` at the top of the
+/// workspace (these helpers are also compiled into the command-line tool's tests, one crate further down).
 pub fn sim_modules() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join("sim")
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|dir| dir.join("scripts").join("sim"))
+        .find(|sim| sim.is_dir())
+        .expect("scripts/sim above the package being tested")
 }
 
 /// A builder for a plain worker with test-friendly limits.
@@ -68,4 +73,3 @@ pub fn status_kb(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
-pub mod cli;

@@ -11,8 +11,7 @@ use std::time::Instant;
 use futures_util::future::join_all;
 use psbridge::{Command, Runspace, RunspacePool};
 
-mod common;
-use common::sim_workers;
+use psbridge_bench::sim_workers;
 
 async fn throughput(tenant: &Path, latency_ms: u32, size: usize, commands: usize) -> f64 {
     let pool = RunspacePool::builder(sim_workers(tenant, latency_ms)).min_workers(size).max_workers(size).build().await.unwrap();

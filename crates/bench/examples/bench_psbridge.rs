@@ -7,8 +7,7 @@
 //! ```
 //! The module and tenant come from the environment (PSModulePath, EXO_SIM_TENANT), set by bench.sh.
 
-#[path = "bench_common/mod.rs"]
-mod common;
+use psbridge_bench as common;
 
 use std::future::Future;
 use std::path::PathBuf;

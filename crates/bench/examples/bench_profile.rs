@@ -8,9 +8,7 @@
 //! Prints a markdown report. Figures inside the worker are taken with a Stopwatch in the same pwsh
 //! process, through the worker's own serializer class (`PsBridge.Serializer`).
 
-#[path = "bench_common/mod.rs"]
-#[allow(dead_code)] // the profile takes the config and statistics, not the record writer
-mod common;
+use psbridge_bench as common;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -58,7 +56,7 @@ fn out_line(value: &Value) -> String {
 
 fn builder(tenant: &Path) -> RunspaceBuilder {
     Runspace::builder()
-        .module_path(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join("sim"))
+        .module_path(common::sim_modules())
         .module("ExchangeOnlineManagement")
         .env("EXO_SIM_TENANT", tenant)
         .env("EXO_SIM_LATENCY_MS", "0")

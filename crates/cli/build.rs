@@ -1,10 +1,11 @@
 //! Lists the simulated ExchangeOnlineManagement module's files for the `psbridge` binary to embed
-//! (`--simulated` must work wherever the binary is installed). The library does not use this.
+//! (`--simulated` must work wherever the binary is installed). The module stays in `scripts/sim` at the
+//! top level, beside the worker; the library does not embed it.
 
 use std::path::{Path, PathBuf};
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join("sim").join("ExchangeOnlineManagement");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/sim/ExchangeOnlineManagement");
     println!("cargo:rerun-if-changed={}", root.display());
     let mut files = Vec::new();
     collect(&root, &mut files);

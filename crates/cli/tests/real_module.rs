@@ -187,7 +187,7 @@ fn throttling_is_retried_by_the_module_and_succeeds() {
 /// The stand-in's server.py, which also makes test tokens (`--make-token SECONDS`).
 fn server_py() -> PathBuf {
     std::env::var_os("PSBRIDGE_EXO_FAKE_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/exo-fake"), PathBuf::from)
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools/exo-fake"), PathBuf::from)
         .join("server.py")
 }
 

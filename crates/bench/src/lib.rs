@@ -1,9 +1,11 @@
 //! What the Rust comparators of `scripts/bench.sh` share: the run's configuration, the record format
-//! (the same as the C# and node comparators write) and the statistics.
+//! (the same as the C# and node comparators write) and the statistics; and the simulated-tenant worker
+//! the benches in `benches/` open.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use psbridge::{Command, Runspace, RunspaceBuilder};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -104,4 +106,25 @@ pub fn peak_megabytes(pid: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .expect("VmHWM in /proc status");
     kb / 1024.0
+}
+
+/// The folder holding the simulated ExchangeOnlineManagement module (`scripts/sim` at the top level).
+pub fn sim_modules() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/sim")
+}
+
+/// A worker connected to the simulated tenant in `tenant`, each cmdlet delayed by `latency_ms`.
+pub fn sim_workers(tenant: &Path, latency_ms: u32) -> RunspaceBuilder {
+    Runspace::builder()
+        .module_path(sim_modules())
+        .module("ExchangeOnlineManagement")
+        .env("EXO_SIM_TENANT", tenant)
+        .env("EXO_SIM_LATENCY_MS", latency_ms.to_string())
+        .connect(
+            Command::new("Connect-ExchangeOnline")
+                .param("ManagedIdentity", true)
+                .param("Organization", "contoso.onmicrosoft.com")
+                .param("ShowBanner", false),
+        )
+        .disconnect(Command::new("Disconnect-ExchangeOnline").param("Confirm", false))
 }

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use psbridge::{Command, Runspace, StreamItem};
 
-mod common;
-use common::{sim_modules, sim_workers};
+use psbridge_bench::{sim_modules, sim_workers};
 
 struct Sizes {
     calls: usize,
