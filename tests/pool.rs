@@ -861,6 +861,7 @@ async fn a_tenant_budget_throttles_with_retry_after_and_the_adaptive_limit_comes
     assert_eq!(totals[0], 16, "every command was admitted once in the end: {state}");
     assert!(totals[1] > 0, "and some were refused first: {state}");
     pool.close().await;
+}
 
 /// Growth counts and checks a new slot in one atomic step: bursts of submits from many threads at once,
 /// each seeing every worker busy, still never start more than `max_workers` workers.

@@ -720,7 +720,7 @@ async fn a_worker_of_another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ready = r#"{"t":"ready","protocol":999,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":1}"#;
     let error = psbridge::Runspace::builder().pwsh(fake_pwsh(dir.path(), ready)).open().await.unwrap_err();
-    assert!(matches!(error, Error::ProtocolMismatch { expected: 1, found: 999 }), "{error:?}");
+    assert!(matches!(error, Error::ProtocolMismatch { expected: 2, found: 999 }), "{error:?}");
     assert!(error.to_string().contains("same psbridge build"), "{error}");
 
     let error = psbridge::Runspace::builder().pwsh(fake_pwsh(dir.path(), "Welcome to some shell")).open().await.unwrap_err();

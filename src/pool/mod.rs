@@ -592,6 +592,12 @@ impl RunspacePool {
         }
     }
 
+    /// How many commands may run at once now, as in [`PoolStats::concurrency_limit`], without the rest
+    /// of the statistics (cheap enough to call after every command).
+    pub fn concurrency_limit(&self) -> usize {
+        self.shared.limiter.limit()
+    }
+
     /// The PowerShell process ids of the live workers (one per process, however many runspaces it hosts).
     pub fn worker_pids(&self) -> Vec<u32> {
         lock(&self.shared.workers).iter().filter_map(|slot| slot.snapshot().pid).collect()

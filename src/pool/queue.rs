@@ -61,15 +61,15 @@ pub(crate) struct Job {
     pub(crate) slot: Option<OwnedSemaphorePermit>,
     /// The attempt the next run will be (from 1); a job given back after its worker died counts on.
     pub(crate) attempt: u32,
-    /// Whether it already had its one retry on a freshly connected worker after expired credentials.
-    pub(crate) renewed: bool,
+    /// When it first met expired credentials: it runs again once on a worker connected after that.
+    pub(crate) expired_at: Option<Instant>,
     /// How long it waited for its first worker, once one took it.
     pub(crate) queue_wait: Option<std::time::Duration>,
 }
 
 impl Job {
     pub(crate) fn new(command: Command, reply: Reply, started: Option<oneshot::Sender<()>>, on_start: Option<OnStart>, slot: Option<OwnedSemaphorePermit>) -> Job {
-        Job { command, reply, enqueued: Instant::now(), started, on_start, slot, attempt: 1, renewed: false, queue_wait: None }
+        Job { command, reply, enqueued: Instant::now(), started, on_start, slot, attempt: 1, expired_at: None, queue_wait: None }
     }
 }
 

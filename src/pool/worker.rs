@@ -67,6 +67,11 @@ impl Slot {
         self.update(|s| s.pid = None);
         *lock(&self.cancel) = None;
     }
+
+    /// Whether the runspace's process was opened before `instant`.
+    fn opened_before(&self, instant: Instant) -> bool {
+        lock(&self.stats).runspace_opened.is_some_and(|opened| opened < instant)
+    }
 }
 
 /// What the pool can see of one worker process: its runspaces and what they share.
@@ -184,6 +189,7 @@ pub(crate) async fn run(shared: Arc<PoolShared>, process: Arc<ProcessSlot>, init
             idle_since: vec![Instant::now(); process.lanes.len()],
             running: FuturesUnordered::new(),
             drain: None,
+            fresh: true,
             shared,
             process,
         };
@@ -208,6 +214,8 @@ struct Task {
     idle_since: Vec<Instant>,
     running: Running,
     drain: Option<Drain>,
+    /// Opened and not yet given a job.
+    fresh: bool,
 }
 
 impl Task {
@@ -218,7 +226,10 @@ impl Task {
             if self.lanes.is_empty() {
                 // Open (or replace) the process before taking work.
                 match open_process(&self.shared, &self.process).await {
-                    Ok(runspaces) => self.lanes = runspaces.into_iter().map(Some).collect(),
+                    Ok(runspaces) => {
+                        self.lanes = runspaces.into_iter().map(Some).collect();
+                        self.fresh = true;
+                    }
                     Err(_) => return false, // the pool closed, or this slot (or the pool) gave up
                 }
                 self.idle_since.fill(Instant::now());
@@ -229,7 +240,10 @@ impl Task {
             let woken = work.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            if self.drain.is_none() && self.expiring() {
+            // A process opened just now runs what it takes even when its credentials are already within
+            // the refresh margin (they were read before the process started): otherwise a margin longer
+            // than the start-up would replace processes for ever.
+            if self.drain.is_none() && !self.fresh && self.expiring() {
                 tracing::info!(pid = ?self.pid(), "credentials expire soon: replacing the worker with a freshly connected one");
                 self.drain = Some(Drain::Replace(Verdict::Expired));
             }
@@ -284,6 +298,7 @@ impl Task {
             }
             job.queue_wait.get_or_insert_with(|| job.enqueued.elapsed());
             let runspace = self.lanes[lane].take().expect("a free lane has its runspace");
+            self.fresh = false;
             let slot = self.process.lanes[lane].clone();
             slot.update(|s| s.state = WorkerState::Busy);
             let health_due = self.idle_since[lane].elapsed() >= self.shared.config.health_check_after;
@@ -571,10 +586,11 @@ async fn run_collect(shared: &PoolShared, slot: &Slot, runspace: &mut Runspace, 
                 };
                 job.attempt += 1;
             }
-            Some(Failure::ExpiredToken) if !job.renewed => {
-                // The credentials expired: retry once, not counted as an attempt, on a fresh worker
-                // connected with credentials read anew.
-                job.renewed = true;
+            Some(Failure::ExpiredToken) if job.expired_at.is_none_or(|at| slot.opened_before(at)) => {
+                // The credentials expired: retry once, not counted as an attempt, on a worker connected
+                // with credentials read anew after this (a worker as old as this one that takes it first
+                // meets the same expiry and passes it on).
+                job.expired_at.get_or_insert_with(Instant::now);
                 return (Verdict::Expired, Outcome::Again(job));
             }
             _ => {
