@@ -347,8 +347,17 @@ async fn the_pool_grows_under_load_and_shrinks_when_idle() {
     assert!(results.iter().all(|r| r.as_ref().is_ok_and(|r| !r.had_errors)));
     let grown = pool.stats().workers.len();
     assert!(grown >= 2, "the pool grew: {grown} slots");
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(pool.worker_pids().len(), 1, "back to min_workers when idle");
+    // A worker grown late (pwsh starts slowly on a loaded machine) retires idle_timeout after it opened,
+    // or stays as the last one while the others retire: look until it has settled.
+    let mut pids = pool.worker_pids();
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        pids = pool.worker_pids();
+        if pids.len() == 1 {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 1, "back to min_workers when idle: {:?}", pool.stats().processes);
     pool.close().await;
 }
 
@@ -775,22 +784,24 @@ async fn a_runspace_that_will_not_stop_takes_its_process_down_and_its_siblings_c
 }
 
 #[tokio::test]
-async fn adaptive_concurrency_halves_on_throttling_once_per_round_and_grows_back() {
-    // No retries: every throttled command comes back as it is, so the rounds below are exact.
+async fn adaptive_concurrency_cuts_on_throttling_once_per_round_and_grows_back() {
+    // No retries: every throttled command comes back as it is, so the rounds below are exact. The fake
+    // worker's 429 gives no Retry-After, so nothing holds new commands back between rounds.
     let adaptive = fake_lanes(1, 8, |b| b.adaptive_concurrency(true).retry(RetryPolicy::never())).await;
     assert_eq!(adaptive.stats().concurrency_limit, 8, "it starts at the maximum");
     // As many throttled commands as the limit lets run, sent at once, begin in one round: one cut.
     let throttled = || Command::script("sleep 50\nthrottle 1000000");
     let round = |n: usize| join_all((0..n).map(|_| adaptive.invoke(throttled())));
     assert!(round(8).await.into_iter().all(|r| r.is_ok_and(|r| r.had_errors)));
-    assert_eq!(adaptive.stats().concurrency_limit, 4, "eight 429s of one round: one cut");
-    round(4).await;
-    assert_eq!(adaptive.stats().concurrency_limit, 2, "commands begun after the cut cut again");
-    round(2).await;
-    round(1).await;
+    assert_eq!(adaptive.stats().concurrency_limit, 6, "eight 429s of one round: one cut, to three quarters");
+    round(6).await;
+    assert_eq!(adaptive.stats().concurrency_limit, 4, "commands begun after the cut cut again");
+    for n in [4, 3, 2, 1] {
+        round(n).await;
+    }
     assert_eq!(adaptive.stats().concurrency_limit, 1, "never below 1");
     let ok = || Command::script("echo 1");
-    join_all((0..60).map(|_| adaptive.invoke(ok()))).await;
+    join_all((0..100).map(|_| adaptive.invoke(ok()))).await;
     assert!(adaptive.stats().concurrency_limit >= 3, "a run of successes grows it back: {}", adaptive.stats().concurrency_limit);
     adaptive.close().await;
 

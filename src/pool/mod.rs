@@ -111,12 +111,14 @@ impl PoolBuilder {
     }
 
     /// Lets the number of commands running at once adapt to throttling, in the manner of TCP's AIMD: it
-    /// starts at the pool's capacity (`max_workers` x `runspaces_per_worker`), is halved when a command
-    /// comes back throttled (the [`classifier`](Self::classifier) says [`Failure::Throttled`]), at most
-    /// once per round trip (throttles of commands begun before the last cut do not cut again), and grows
-    /// by one after 24 unthrottled commands in a row; never below 1 nor above the capacity. A throttled
-    /// command waiting for its retry does not count as running. [`PoolStats::concurrency_limit`] shows
-    /// the current limit. Default: off (always the capacity).
+    /// starts at the pool's capacity (`max_workers` x `runspaces_per_worker`), is cut to three quarters
+    /// when a command comes back throttled (the [`classifier`](Self::classifier) says
+    /// [`Failure::Throttled`]), once per congestion event (throttles of commands begun before the last
+    /// cut, or met while its Retry-After runs, do not cut again), and grows by one after 32 unthrottled
+    /// commands in a row; never below 1 nor above the capacity. While the Retry-After of the last cut
+    /// runs, no new command starts: the service asked the tenant to wait. A throttled command waiting
+    /// for its retry does not count as running. [`PoolStats::concurrency_limit`] shows the current
+    /// limit. Default: off (always the capacity, and a Retry-After delays only its own command).
     ///
     /// A pool that pushes a fixed concurrency into a service's throttling spends the tenant's budget on
     /// rejected calls and retries; an adaptive one runs about as many commands at once as the budget

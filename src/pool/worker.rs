@@ -266,7 +266,10 @@ impl Task {
             let free = if self.drain.is_none() { self.lanes.iter().filter(|l| l.is_some()).count() } else { 0 };
             self.shared.idle.fetch_add(free, Ordering::SeqCst);
             let idle_timeout = self.shared.config.idle_timeout;
+            // Nothing wakes the task when a Retry-After that holds new commands back runs out.
+            let quiet_until = self.shared.limiter.quiet_until();
             let retire = tokio::select! {
+                () = tokio::time::sleep_until(quiet_until.unwrap_or_else(Instant::now)), if quiet_until.is_some() => false,
                 Some(finished) = self.running.next(), if !self.running.is_empty() => {
                     self.finish(finished).await;
                     false
@@ -565,7 +568,11 @@ async fn run_collect(shared: &PoolShared, slot: &Slot, runspace: &mut Runspace, 
             }
         };
         let failure = shared.config.classifier.classify(&result);
-        shared.limiter.feedback(&permit, matches!(failure, Some(Failure::Throttled { .. })));
+        let throttled = match failure {
+            Some(Failure::Throttled { retry_after }) => Some(retry_after),
+            _ => None,
+        };
+        shared.limiter.feedback(&permit, throttled);
         match failure {
             Some(failure @ (Failure::Transient | Failure::Throttled { .. })) if policy.retries_transient() && job.attempt < policy.attempts() => {
                 let retry_after = match failure {

@@ -303,11 +303,13 @@ function Request-SimBudget {
     <#
         Charges one call to the tenant's budget (EXO_SIM_BUDGET), which every process of the tenant
         shares through <tenant>/budget.state, read and rewritten under locks/budget.lock. A sliding
-        window: the call is admitted when fewer than N calls were admitted in the last window. Returns
-        0 when admitted, else the Retry-After in whole seconds (at least 1): when the oldest admitted
-        call leaves the window. budget.state keeps, on its first line, how many calls were admitted and
-        how many refused since the tenant was made ('admitted throttled'), then the times (UTC ticks) of
-        the calls admitted in the current window.
+        window of every call the service answered, refused ones included (as SharePoint Online documents
+        for its own throttling: throttled requests count towards the usage limits, so a client that does
+        not back off is throttled longer): a call is admitted when fewer than N calls fell in the last
+        window. Returns 0 when admitted, else the Retry-After in whole seconds (at least 1): when the
+        oldest call leaves the window. budget.state keeps, on its first line, how many calls were admitted
+        and how many refused since the tenant was made ('admitted throttled'), then the times (UTC ticks)
+        of the calls in the current window.
     #>
     [CmdletBinding()]
     [OutputType([int])]
@@ -333,6 +335,7 @@ function Request-SimBudget {
         }
         else {
             $throttled++
+            $recent.Add($now)
             $wait = $recent[0] + $Budget.Window - $now
             $retryAfter = [int][Math]::Max(1, [Math]::Ceiling($wait / [double][TimeSpan]::TicksPerSecond))
         }
