@@ -113,6 +113,18 @@ pub struct BatchArgs {
     #[arg(long, short, value_name = "N")]
     workers: Option<usize>,
 
+    /// Runspaces per worker process, each connected on its own, each running one item at a time
+    /// [default: the profile's runspaces_per_worker, else 1].
+    #[arg(long, value_name = "M")]
+    runspaces_per_worker: Option<usize>,
+
+    /// Run fewer items at once while the service throttles (cut to three quarters on a throttled
+    /// item and nothing new started while its Retry-After runs, one more after a run of unthrottled
+    /// ones); the progress line shows the current limit [default: the profile's adaptive_concurrency,
+    /// else off].
+    #[arg(long)]
+    adaptive_concurrency: bool,
+
     /// How deep output objects are serialized; deeper properties arrive as their ToString() [default: 4].
     #[arg(long, value_name = "N")]
     depth: Option<u32>,
@@ -264,6 +276,10 @@ struct Batch {
     /// The profile's pool: its workers, and its classifier, retries and connect limits.
     pool: PoolBuilder,
     workers: usize,
+    /// Runspaces per worker: the pool runs up to `workers x runspaces` items at once.
+    runspaces: usize,
+    /// Whether the pool's concurrency adapts to throttling (the progress line shows its limit).
+    adaptive: bool,
     timeout: Option<Duration>,
     depth: Option<u32>,
     retry_failed: bool,
@@ -279,6 +295,11 @@ impl Batch {
         if workers == 0 {
             return Err(usage("--workers must be at least 1"));
         }
+        let runspaces = args.runspaces_per_worker.unwrap_or_else(|| profile.runspaces_per_worker());
+        if !(1..=64).contains(&runspaces) {
+            return Err(usage("--runspaces-per-worker must be 1 to 64"));
+        }
+        let adaptive = args.adaptive_concurrency || profile.adaptive_concurrency();
         let stdin_taken = args.input == Path::new("-");
         let csv = match args.input_format {
             Some(format) => format == InputFormat::Csv,
@@ -329,7 +350,7 @@ impl Batch {
             (Box::<jsonl::Jsonl>::default(), lines_total)
         };
         let mut secrets = SecretReader::with_stdin_taken(stdin_taken.then(|| "the batch input".to_owned()));
-        let pool = profile.pool_builder(profile.builder(&mut secrets).map_err(usage)?);
+        let pool = profile.pool_builder(profile.builder(&mut secrets).map_err(usage)?).runspaces_per_worker(runspaces).adaptive_concurrency(adaptive);
         let input_name = args.input.display().to_string();
         let (journal, previous) = match &journal_path {
             Some(path) => {
@@ -368,6 +389,8 @@ impl Batch {
             total,
             pool,
             workers,
+            runspaces,
+            adaptive,
             timeout: args.timeout,
             depth: args.depth,
             retry_failed: args.retry_failed,
@@ -388,11 +411,11 @@ impl Batch {
                 self.previous.in_flight(),
             ));
         }
-        // Read ahead up to one item per worker, so that the pool starts no more workers than there are
+        // Read ahead up to one item per runspace, so that the pool starts no more workers than there are
         // items to run.
         let mut ready: VecDeque<(Command, Ticket)> = VecDeque::new();
         let mut stop = None;
-        while ready.len() < self.workers {
+        while ready.len() < self.workers * self.runspaces {
             match self.next_to_run(&mut tally, &progress) {
                 Ok(Some(next)) => ready.push_back(next),
                 Ok(None) => break,
@@ -412,7 +435,7 @@ impl Batch {
             }
         };
         if !ready.is_empty() && stop.is_none() {
-            match self.start_pool(ready.len(), &mut signals, &mut interrupted).await {
+            match self.start_pool(ready.len().div_ceil(self.runspaces), &mut signals, &mut interrupted).await {
                 Ok(pool) => {
                     progress.begin(&tally); // the rate counts from here, not from the workers' start-up
                     let (was_interrupted, stopped) =
@@ -571,7 +594,7 @@ impl Batch {
             .map_err(|e| format!("the workers could not start: {e}"))
     }
 
-    /// Runs the items, at most two per worker handed to the pool at a time, in input order. Returns
+    /// Runs the items, at most two per runspace handed to the pool at a time, in input order. Returns
     /// whether it was interrupted, and why it stopped otherwise. Items it did not hand over stay in
     /// `ready` or in the input.
     async fn dispatch(
@@ -583,7 +606,7 @@ impl Batch {
         signals: &mut Option<Signals>,
         mut interrupted: Option<Interrupt>,
     ) -> (Option<Interrupt>, Option<Stop>) {
-        let limit = self.workers * 2;
+        let limit = self.workers * self.runspaces * 2;
         let mut running: JoinSet<Result<InvocationResult, psbridge::Error>> = JoinSet::new();
         let mut tickets: HashMap<tokio::task::Id, (Ticket, AbortHandle)> = HashMap::new();
         // After the first signal, items that no worker has begun get the shutdown grace to begin: a batch
@@ -632,6 +655,9 @@ impl Batch {
             }
             if running.is_empty() {
                 break;
+            }
+            if self.adaptive {
+                progress.concurrency(pool.concurrency_limit());
             }
             tokio::select! {
                 Some(joined) = running.join_next_with_id() => match joined {
