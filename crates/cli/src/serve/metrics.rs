@@ -28,7 +28,8 @@ pub enum CommandStatus {
 }
 
 impl CommandStatus {
-    fn label(self) -> &'static str {
+    /// Its name, in the metrics and the audit.
+    pub fn label(self) -> &'static str {
         match self {
             CommandStatus::Succeeded => "succeeded",
             CommandStatus::Failed => "failed",
