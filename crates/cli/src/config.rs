@@ -65,14 +65,6 @@ pub struct QueueSpec {
     pub ca_file: Option<PathBuf>,
 }
 
-impl QueueSpec {
-    /// The secrets this section names, with their keys.
-    pub fn secrets(&self) -> impl Iterator<Item = (&'static str, &SecretSpec)> {
-        [("password", &self.password), ("token", &self.token), ("nkey_seed", &self.nkey_seed)]
-            .into_iter()
-            .filter_map(|(key, spec)| Some((key, spec.as_ref()?.get_ref())))
-    }
-}
 
 /// One profile. Every field is optional; defaults are those of `RunspaceBuilder` and `RunspacePool`.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
@@ -638,6 +630,26 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, text).unwrap();
         Config::load(Some(&path))
+    }
+
+    #[test]
+    fn the_queue_section_takes_one_way_to_authenticate_each_from_one_source() {
+        let config = parse("[queue]\nuser = \"psb\"\npassword = { env = \"NATS_PW\" }\nca_file = \"/etc/ca.pem\"\n").unwrap();
+        let queue = config.file.queue.as_ref().unwrap().get_ref();
+        assert_eq!(queue.password.as_ref().and_then(|p| p.get_ref().env.as_deref()), Some("NATS_PW"));
+        assert!(queue.token.is_none() && queue.nkey_seed.is_none());
+        parse("[queue]\nnkey_seed = { file = \"/run/secrets/nk\" }\n").unwrap();
+        parse("[queue]\ntoken = { command = [\"vault\", \"read\"] }\n").unwrap();
+        for (text, expected) in [
+            ("[queue]\nuser = \"psb\"\n", "line 1: queue: user and password go together"),
+            ("[queue]\ntoken = { env = \"T\" }\nnkey_seed = { env = \"N\" }\n", "give one way to authenticate"),
+            ("[queue]\n\ntoken = { env = \"T\", file = \"/t\" }\n", "line 3: queue.token: give exactly one source"),
+            ("[queue]\ntoken = { env = \"T\", as = \"string\" }\n", "`as` is for a command's parameters"),
+            ("[queue]\nurl = \"nats://x\"\n", "unknown field `url`"),
+        ] {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
     }
 
     #[test]
