@@ -118,13 +118,15 @@ namespace PsBridge
             if (OperatingSystem.IsWindows())
             {
                 IntPtr real = GetStdHandle(STD_INPUT);
-                var nul = File.Open("NUL", FileMode.Open, FileAccess.Read);
+                var nul = File.Open("NUL", FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
                 SetStdHandle(STD_INPUT, nul.SafeFileHandle.DangerousGetHandle());
                 return new FileStream(new SafeFileHandle(real, false), FileAccess.Read, 1);
             }
             int fd = Check(dup(0), "dup(0)");
             Check(fcntl(fd, F_SETFD, FD_CLOEXEC), "fcntl");
-            var devnull = File.Open("/dev/null", FileMode.Open, FileAccess.Read);
+            // Shared: .NET enforces FileShare with an advisory lock on Unix, so the default (None) fails when
+            // another .NET process (a worker starting at the same moment) holds /dev/null the same way.
+            var devnull = File.Open("/dev/null", FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
             Check(dup2((int)devnull.SafeFileHandle.DangerousGetHandle(), 0), "dup2(null, 0)");
             devnull.Dispose();
             return new FileStream(new SafeFileHandle((IntPtr)fd, true), FileAccess.Read, 1);
