@@ -12,10 +12,9 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::cli::{CliEnv, jsonl, text};
+use common::cli::{CliEnv, Running, jsonl, text};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -25,9 +24,8 @@ const TOKEN: &str = "test-token-for-psbridge-serve";
 
 /// A `psbridge serve` running in the background, its stderr read line by line.
 struct Server {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-    seen: Vec<String>,
+    /// `None` once it has exited.
+    running: Option<Running>,
     /// What clients give to --server.
     address: String,
 }
@@ -36,55 +34,34 @@ impl Server {
     /// Starts `psbridge serve ARGS` and waits until it listens.
     fn start(env: &CliEnv, args: &[&str], envs: &[(&str, &str)]) -> Server {
         let mut command = env.psbridge();
-        command.arg("serve").args(args).envs(envs.iter().copied()).env("RUST_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = command.spawn().unwrap();
-        let (lines, stderr) = mpsc::channel();
-        let reader = BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in reader.lines().map_while(Result::ok) {
-                let _ = lines.send(line);
-            }
-        });
-        let mut server = Server { child, stderr, seen: Vec::new(), address: String::new() };
-        server.address = server.wait_for("psbridge serve: listening on ");
-        server
+        command.arg("serve").args(args).envs(envs.iter().copied()).env("RUST_LOG", "warn").stdin(Stdio::null());
+        let mut running = Running::start(command, Stdio::null());
+        let address = running.wait_for("psbridge serve: listening on ");
+        Server { running: Some(running), address }
+    }
+
+    fn running(&mut self) -> &mut Running {
+        self.running.as_mut().expect("the server is running")
     }
 
     /// Waits (up to two minutes) for a stderr line containing `marker`; returns what follows it.
     fn wait_for(&mut self, marker: &str) -> String {
-        let end = Instant::now() + Duration::from_secs(120);
-        while let Ok(line) = self.stderr.recv_timeout(end.saturating_duration_since(Instant::now())) {
-            self.seen.push(line.clone());
-            if let Some(at) = line.find(marker) {
-                return line[at + marker.len()..].trim().to_owned();
-            }
-        }
-        panic!("the server never said {marker:?}; it said: {:?}", self.seen);
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
-    }
-
-    /// Waits (up to a minute) for the server to exit; its status and everything it wrote on stderr.
-    fn exit(&mut self) -> (Option<i32>, String) {
-        let end = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < end, "the server did not exit: {:?}", self.seen);
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        self.seen.extend(self.stderr.try_iter());
-        (status.code(), self.seen.join("\n"))
+        self.running().wait_for(marker)
     }
 
     /// Everything it wrote on stderr so far (for failure messages).
     fn said(&mut self) -> String {
-        self.seen.extend(self.stderr.try_iter());
-        self.seen.join("\n")
+        self.running().said()
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        self.running().signal(signal);
+    }
+
+    /// Waits (up to a minute) for the server to exit; its status and everything it wrote on stderr.
+    fn exit(&mut self) -> (Option<i32>, String) {
+        let (status, _, stderr) = self.running.take().expect("the server is running").finish();
+        (status.code(), stderr)
     }
 
     /// `GET path` (with the token on TCP).
@@ -101,8 +78,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(running) = &mut self.running {
+            let _ = running.child.kill();
+            let _ = running.child.wait();
+        }
     }
 }
 
