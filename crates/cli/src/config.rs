@@ -41,7 +41,30 @@ pub struct ConfigFile {
     /// Profiles by name.
     #[serde(default)]
     pub profiles: BTreeMap<String, Spanned<ProfileSpec>>,
+    /// How `--queue` connects to the NATS server: its credentials and TLS roots.
+    pub queue: Option<Spanned<QueueSpec>>,
 }
+
+/// The `[queue]` section: how `batch --queue`, `serve --queue` and `queue` connect to NATS. At most one
+/// way to authenticate: `user` with `password`, `token`, or `nkey_seed`; each secret names its source
+/// as a profile's secrets do (`{ env = "..." }`, `{ file = "..." }`, `{ stdin = true }` or
+/// `{ command = [...] }`), read once when psbridge starts.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSpec {
+    /// A user name, authenticated by `password`.
+    pub user: Option<String>,
+    /// The password of `user`.
+    pub password: Option<Spanned<SecretSpec>>,
+    /// A token (the server's `authorization { token = ... }`).
+    pub token: Option<Spanned<SecretSpec>>,
+    /// An nkey seed (`SU...`) whose public key the server lists.
+    pub nkey_seed: Option<Spanned<SecretSpec>>,
+    /// A PEM file of CA certificates, for a `tls://` server whose certificate a private CA signed
+    /// (the system's roots are trusted too).
+    pub ca_file: Option<PathBuf>,
+}
+
 
 /// One profile. Every field is optional; defaults are those of `RunspaceBuilder` and `RunspacePool`.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
@@ -62,6 +85,12 @@ pub struct ProfileSpec {
     pub env: BTreeMap<String, String>,
     /// Workers of `psbridge batch` (default 3; `--workers` overrides).
     pub workers: Option<usize>,
+    /// Runspaces per worker process, each connected on its own (default 1, at most 64;
+    /// `--runspaces-per-worker` overrides).
+    pub runspaces_per_worker: Option<usize>,
+    /// Whether the pool runs fewer commands at once while the service throttles it (default false;
+    /// `--adaptive-concurrency` turns it on).
+    pub adaptive_concurrency: Option<bool>,
     /// How long a command may run before it is stopped (default: no limit, for ExchangeOnlineManagement
     /// `exo::COMMAND_TIMEOUT`; `--timeout` overrides).
     pub command_timeout_secs: Option<Seconds>,
@@ -405,6 +434,7 @@ impl Config {
             }
             let at_least_one = [
                 ("workers", spec.workers.map(|n| n as u64)),
+                ("runspaces_per_worker", spec.runspaces_per_worker.map(|n| n as u64)),
                 ("connect_attempts", spec.connect_attempts.map(u64::from)),
                 ("retry.max_attempts", spec.retry.as_ref().and_then(|r| r.max_attempts).map(u64::from)),
             ];
@@ -414,6 +444,9 @@ impl Config {
                 }
             }
         }
+        if let Some(queue) = &self.file.queue {
+            self.validate_queue(queue)?;
+        }
         if let Some(default) = &self.file.default_profile
             && default != SIMULATED
             && !self.file.profiles.contains_key(default)
@@ -422,6 +455,36 @@ impl Config {
                 self.line_of("default_profile"),
                 format!("default_profile names `{default}`, which is not defined; profiles: {}", self.profile_names()),
             ));
+        }
+        Ok(())
+    }
+
+    /// The `[queue]` section: one way to authenticate, and secrets that each name one source.
+    fn validate_queue(&self, queue: &Spanned<QueueSpec>) -> Result<(), ConfigError> {
+        let spec = queue.get_ref();
+        let ways = [spec.user.is_some() || spec.password.is_some(), spec.token.is_some(), spec.nkey_seed.is_some()];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return Err(self.invalid(queue.span(), "queue: give one way to authenticate: user and password, token, or nkey_seed".to_owned()));
+        }
+        if spec.user.is_some() != spec.password.is_some() {
+            return Err(self.invalid(queue.span(), "queue: user and password go together".to_owned()));
+        }
+        for (key, secret) in [("password", &spec.password), ("token", &spec.token), ("nkey_seed", &spec.nkey_seed)] {
+            let Some(secret) = secret else { continue };
+            let source = secret.get_ref();
+            let sources = [source.env.is_some(), source.file.is_some(), source.stdin == Some(true), source.command.is_some()];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(self.invalid(
+                    secret.span(),
+                    format!("queue.{key}: give exactly one source: {{ env = \"VARIABLE\" }}, {{ file = \"/path\" }}, {{ stdin = true }} or {{ command = [...] }}"),
+                ));
+            }
+            if source.command.as_ref().is_some_and(|argv| argv.first().is_none_or(|program| program.trim().is_empty())) {
+                return Err(self.invalid(secret.span(), format!("queue.{key}: command needs the program first, then its arguments")));
+            }
+            if source.kind != SecretKind::SecureString {
+                return Err(self.invalid(secret.span(), format!("queue.{key}: `as` is for a command's parameters; leave it out here")));
+            }
         }
         Ok(())
     }
@@ -570,6 +633,26 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_section_takes_one_way_to_authenticate_each_from_one_source() {
+        let config = parse("[queue]\nuser = \"psb\"\npassword = { env = \"NATS_PW\" }\nca_file = \"/etc/ca.pem\"\n").unwrap();
+        let queue = config.file.queue.as_ref().unwrap().get_ref();
+        assert_eq!(queue.password.as_ref().and_then(|p| p.get_ref().env.as_deref()), Some("NATS_PW"));
+        assert!(queue.token.is_none() && queue.nkey_seed.is_none());
+        parse("[queue]\nnkey_seed = { file = \"/run/secrets/nk\" }\n").unwrap();
+        parse("[queue]\ntoken = { command = [\"vault\", \"read\"] }\n").unwrap();
+        for (text, expected) in [
+            ("[queue]\nuser = \"psb\"\n", "line 1: queue: user and password go together"),
+            ("[queue]\ntoken = { env = \"T\" }\nnkey_seed = { env = \"N\" }\n", "give one way to authenticate"),
+            ("[queue]\n\ntoken = { env = \"T\", file = \"/t\" }\n", "line 3: queue.token: give exactly one source"),
+            ("[queue]\ntoken = { env = \"T\", as = \"string\" }\n", "`as` is for a command's parameters"),
+            ("[queue]\nurl = \"nats://x\"\n", "unknown field `url`"),
+        ] {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
     fn a_full_profile_parses() {
         let config = parse(
             r#"
@@ -577,6 +660,8 @@ default_profile = "prod"
 [profiles.prod]
 modules = ["ExchangeOnlineManagement", { name = "Other", minimum_version = "1.2" }]
 workers = 4
+runspaces_per_worker = 3
+adaptive_concurrency = true
 [profiles.prod.connect]
 command = "Connect-ExchangeOnline"
 parameters = { AppId = "a", ShowBanner = false }
@@ -589,6 +674,7 @@ max_attempts = 3
         .unwrap();
         let prod = config.file.profiles["prod"].get_ref();
         assert_eq!(prod.modules[1].minimum_version(), Some("1.2"));
+        assert_eq!((prod.runspaces_per_worker, prod.adaptive_concurrency), (Some(3), Some(true)));
         let connect = prod.connect.as_ref().unwrap();
         assert_eq!(connect.secrets["AccessToken"].get_ref().kind, SecretKind::String);
         assert_eq!(config.chosen(None), Some("prod"));
@@ -654,6 +740,7 @@ max_attempts = 3
         let cases = [
             ("[profiles.a]\nexecution_policy = \"RemoteSinged\"\n", "line 2", "is not an execution policy"),
             ("[profiles.a]\nworkers = 1\nconnect_attempts = 0\n", "line 3", "connect_attempts must be at least 1"),
+            ("[profiles.a]\nworkers = 1\nrunspaces_per_worker = 0\n", "line 3", "runspaces_per_worker must be at least 1"),
             ("[profiles.a.retry]\nmax_attempts = 0\n", "line 2", "retry.max_attempts must be at least 1"),
             ("[profiles.a]\nenv = { \"A=B\" = \"x\" }\n", "line 1", "cannot be set"),
             ("[profiles.a.connect]\ncommand = \"\"\n", "line 2", "the command name is empty"),

@@ -9,6 +9,7 @@ mod exit;
 mod output;
 mod params;
 mod profile;
+mod queue;
 mod run;
 mod secret;
 mod serve;
@@ -61,6 +62,7 @@ enum Commands {
     /// Look at a running psbridge server.
     #[command(subcommand)]
     Server(client::ServerCommand),
+    Queue(queue::command::QueueArgs),
     /// Print a shell completion script.
     #[command(after_help = "Examples:\n  \
         psbridge completions bash > ~/.local/share/bash-completion/completions/psbridge\n  \
@@ -163,6 +165,7 @@ fn start() -> Result<(), CliError> {
             Commands::Doctor(args) => doctor::run(args, globals).await,
             Commands::Serve(args) => serve::run(args, globals).await,
             Commands::Server(command) => client::run(command, globals).await,
+            Commands::Queue(args) => queue::command::run(args, globals).await,
             Commands::Completions { shell } => print_generated(|out| {
                 clap_complete::generate(shell, &mut Cli::command(), "psbridge", out);
                 Ok(())

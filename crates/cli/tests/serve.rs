@@ -415,6 +415,7 @@ fn a_shared_server_serves_many_clients_by_its_rules_and_drains_on_sigterm() {
     for family in [
         "psbridge_commands_total", "psbridge_command_duration_seconds", "psbridge_queue_depth", "psbridge_workers", "psbridge_worker_restarts_total",
         "psbridge_retries_total", "psbridge_throttled_total", "psbridge_worker_resident_bytes", "psbridge_worker_token_expiry_timestamp_seconds",
+        "psbridge_concurrency_limit",
     ] {
         assert!(families.contains(family), "no {family} in /metrics");
     }

@@ -34,6 +34,9 @@ pub struct Item {
     pub id: Option<Value>,
     /// What the journal knows the item by (see [`Identities`]).
     pub identity: String,
+    /// The parameters as written, in order, secret values replaced by [`REDACTED`]: what a queued item
+    /// carries to the host that runs it (the queue refuses items with secrets).
+    pub parameters: Vec<(String, Value)>,
 }
 
 /// A line that cannot become an item.

@@ -125,6 +125,7 @@ impl Jsonl {
         let identity = self.identities.next(&serde_json::json!({
             "command": name, "parameters": serde_json::to_value(RedactedParams(&params)).unwrap_or_default(), "key": key, "id": id,
         }));
+        let parameters = params.iter().map(|(name, value)| (name.clone(), serde_json::to_value(Redacted(value)).unwrap_or_default())).collect();
         let mut command = Command::new(name.as_str());
         for (param, value) in params {
             command = bind(command, param, value);
@@ -132,7 +133,7 @@ impl Jsonl {
         if let Some(key) = &key {
             command = command.key(key.as_str());
         }
-        checked(Item { line, input, name, command, key, id, identity })
+        checked(Item { line, input, name, command, key, id, identity, parameters })
     }
 }
 

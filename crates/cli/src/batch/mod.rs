@@ -1,12 +1,12 @@
 //! `psbridge batch`: many commands from a JSONL or CSV file through a pool of workers, one result per
 //! input item, resumable through a journal.
 
-mod input;
+pub mod input;
 mod journal;
 mod jsonl;
-mod progress;
-mod record;
-mod remote;
+pub mod progress;
+pub mod record;
+pub mod remote;
 mod sink;
 mod source;
 mod table;
@@ -89,7 +89,7 @@ const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
 pub struct BatchArgs {
     /// The input file (`-` for standard input).
     #[arg(value_name = "INPUT")]
-    input: PathBuf,
+    pub input: PathBuf,
 
     /// Short for --profile simulated (it wins over --profile and PSBRIDGE_PROFILE).
     #[arg(long)]
@@ -120,13 +120,25 @@ pub struct BatchArgs {
     #[arg(long, short, value_name = "N")]
     workers: Option<usize>,
 
+    /// Runspaces per worker process, each connected on its own, each running one item at a time
+    /// [default: the profile's runspaces_per_worker, else 1].
+    #[arg(long, value_name = "M")]
+    runspaces_per_worker: Option<usize>,
+
+    /// Run fewer items at once while the service throttles (cut to three quarters on a throttled
+    /// item and nothing new started while its Retry-After runs, one more after a run of unthrottled
+    /// ones); the progress line shows the current limit [default: the profile's adaptive_concurrency,
+    /// else off].
+    #[arg(long)]
+    adaptive_concurrency: bool,
+
     /// How deep output objects are serialized; deeper properties arrive as their ToString() [default: 4].
     #[arg(long, value_name = "N")]
     depth: Option<u32>,
 
     /// Write the results to this file (JSONL) instead of standard output.
     #[arg(long, short, value_name = "FILE")]
-    output: Option<PathBuf>,
+    pub output: Option<PathBuf>,
 
     /// The journal [default: the output file's name plus .journal; none when writing to stdout].
     #[arg(long, value_name = "FILE", conflicts_with = "no_journal")]
@@ -155,24 +167,38 @@ pub struct BatchArgs {
 
     /// No progress, no notes or warnings, and no summary on stderr (errors are still printed).
     #[arg(long, short)]
-    quiet: bool,
+    pub quiet: bool,
 
     /// Seconds between progress lines when stderr is not a terminal.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = crate::parse_seconds)]
-    progress_interval: Duration,
+    pub progress_interval: Duration,
 
     #[command(flatten)]
     remote: crate::client::ServerArgs,
 
     /// With --server: the batch's name on the server, whose journal it keeps (running the batch again with
-    /// the same id resumes it) [default: derived from the input's path, the output's and the profile].
-    #[arg(long, value_name = "ID", requires = "server")]
-    batch_id: Option<String>,
+    /// the same id resumes it); with --queue, its name in the queue [default: derived from the input's
+    /// path, the output's and the profile].
+    #[arg(long, value_name = "ID")]
+    pub batch_id: Option<String>,
+
+    /// Do not run the items here: publish them to the NATS JetStream server at URL (nats://HOST:PORT, or
+    /// tls://HOST:PORT for TLS) for the `psbridge serve --queue` hosts that serve the profile, and show
+    /// their results as they come. Run again with the same arguments to re-attach: finished items are not
+    /// published again and come back with previous_run: true. Credentials: the configuration's [queue]
+    /// section.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["server", "workers", "journal", "no_journal", "restart", "retry_failed"])]
+    pub queue: Option<String>,
+
+    /// With --queue: publish the items, print the batch id and return; follow with `psbridge queue
+    /// status|results|cancel`, or re-attach by running the same command without --detach.
+    #[arg(long, requires = "queue")]
+    pub detach: bool,
 }
 
 impl BatchArgs {
     /// The options the batch runs with, as a server takes them too.
-    fn options(&self) -> BatchOptions {
+    pub fn options(&self) -> BatchOptions {
         BatchOptions {
             input_format: self.input_format,
             command: self.command.clone(),
@@ -228,6 +254,57 @@ pub struct BatchOptions {
     pub no_journal: bool,
 }
 
+/// A batch's input, opened: its entries one at a time, and what progress and the journal (or a queue's
+/// batch record) know of it.
+pub struct Input {
+    pub entries: Entries,
+    /// Input entries, estimated, for the progress display.
+    pub total: usize,
+    /// The SHA-256 of the input's bytes.
+    pub sha256: String,
+}
+
+impl BatchOptions {
+    /// Refuses the CSV options for JSONL input, and CSV input (`input` named .csv, or --input-format
+    /// csv) without --command.
+    pub fn check_format(&self, input: &Path) -> Result<(), String> {
+        let csv = match self.input_format {
+            Some(format) => format == InputFormat::Csv,
+            None => input.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")),
+        };
+        if csv && self.command.is_none() {
+            return Err("CSV input needs --command, the command each row runs (for example --command Set-Mailbox)".to_owned());
+        }
+        if !csv && (self.command.is_some() || self.key_column.is_some() || self.delimiter.is_some()) {
+            return Err("--command, --key-column and --delimiter are for CSV input; JSONL items carry their own command and key \
+                 (use --input-format csv if the file is CSV)"
+                .to_owned());
+        }
+        Ok(())
+    }
+
+    /// Opens `input` (hashing and counting it first): CSV with --command, else JSONL.
+    pub fn open_input(&self, input: &Path) -> Result<Input, String> {
+        let max_line_bytes = self.max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES);
+        let mut source = Source::open(input).map_err(|e| e.to_string())?;
+        let sha256 = source.sha256().map_err(|e| e.to_string())?;
+        let lines_total = source.count_lines(max_line_bytes).map_err(|e| e.to_string())?;
+        let mut lines = source.lines(max_line_bytes).map_err(|e| e.to_string())?;
+        let (format, total): (Box<dyn Format + Send + Sync>, usize) = if let Some(command) = &self.command {
+            let table_options = table::TableOptions {
+                command: command.clone(),
+                key_column: self.key_column.clone(),
+                delimiter: self.delimiter.unwrap_or(','),
+                max_bytes: max_line_bytes,
+            };
+            (Box::new(table::Table::new(&mut lines, table_options).map_err(|e| e.to_string())?), lines_total.saturating_sub(1))
+        } else {
+            (Box::<jsonl::Jsonl>::default(), lines_total)
+        };
+        Ok(Input { entries: Entries::new(lines, format), total, sha256 })
+    }
+}
+
 /// `--delimiter`: one character, or `tab`.
 fn parse_delimiter(text: &str) -> Result<char, String> {
     let mut chars = text.chars();
@@ -274,14 +351,20 @@ pub enum InputFormat {
     Csv,
 }
 
-/// Usage problems found before anything runs.
-fn usage(message: impl std::fmt::Display) -> u8 {
+/// Usage problems found before anything runs: printed, and exit status 2.
+pub fn usage(message: impl std::fmt::Display) -> u8 {
     eprintln!("psbridge: {message}");
     EXIT_USAGE
 }
 
 pub async fn run(args: BatchArgs, globals: Globals) -> u8 {
     let globals = globals.with_simulated(args.simulated);
+    if args.queue.is_some() {
+        return crate::queue::submit::run(&args, &globals).await;
+    }
+    if args.batch_id.is_some() && args.remote.server.is_none() {
+        return usage("--batch-id names a batch on a server (--server) or in a queue (--queue)");
+    }
     if args.remote.server.is_some() {
         return remote::run(args, globals).await;
     }
@@ -352,8 +435,12 @@ pub struct Setup<'a> {
     pub journal: Option<PathBuf>,
     pub destination: Destination,
     pub workers: Workers,
-    /// Most items running at once.
+    /// Workers (processes) the batch may use.
     pub size: usize,
+    /// Runspaces per worker: up to `size x runspaces` items run at once.
+    pub runspaces: usize,
+    /// Whether the pool adapts its concurrency to throttling (the progress line then shows its limit).
+    pub adaptive: bool,
     /// Which commands may run, when not all.
     pub allowed: Option<Allowed>,
 }
@@ -401,6 +488,10 @@ pub struct Batch {
     /// before it starts).
     pool: Workers,
     workers: usize,
+    /// Runspaces per worker: the pool runs up to `workers x runspaces` items at once.
+    runspaces: usize,
+    /// Whether the pool's concurrency adapts to throttling (the progress line shows its limit).
+    adaptive: bool,
     timeout: Option<Duration>,
     depth: Option<u32>,
     retry_failed: bool,
@@ -442,6 +533,11 @@ impl Batch {
         if workers == 0 {
             return Err(usage("--workers must be at least 1"));
         }
+        let runspaces = args.runspaces_per_worker.unwrap_or_else(|| profile.runspaces_per_worker());
+        if !(1..=64).contains(&runspaces) {
+            return Err(usage("--runspaces-per-worker must be 1 to 64"));
+        }
+        let adaptive = args.adaptive_concurrency || profile.adaptive_concurrency();
         let stdin_taken = args.input == Path::new("-");
         let journal_path = match (&args.journal, &args.output) {
             _ if args.no_journal => None,
@@ -463,7 +559,10 @@ impl Batch {
             return Err(usage("the journal and --output must be different files"));
         }
         let mut secrets = SecretReader::with_stdin_taken(stdin_taken.then(|| "the batch input".to_owned()));
-        let pool = profile.pool_builder(profile.builder(&mut secrets).map_err(usage)?);
+        let pool = profile
+            .pool_builder(profile.builder(&mut secrets).map_err(usage)?)
+            .runspaces_per_worker(runspaces)
+            .adaptive_concurrency(adaptive);
         let options = args.options();
         let setup = Setup {
             input: &args.input,
@@ -473,6 +572,8 @@ impl Batch {
             destination: Destination::Local(args.output.clone()),
             workers: Workers::Own(Box::new(pool)),
             size: workers,
+            runspaces,
+            adaptive,
             allowed: None,
         };
         let mut batch = Batch::assemble(setup).map_err(usage)?;
@@ -485,40 +586,13 @@ impl Batch {
     /// A batch of `setup.input`, checked (a CSV input needs its command, ...), its journal opened and
     /// read, its destination opened. The message of an error says what to do.
     pub fn assemble(setup: Setup<'_>) -> Result<Batch, BatchError> {
-        let Setup { input, input_name, options, journal: journal_path, destination, workers: pool, size, allowed } = setup;
-        let csv = match options.input_format {
-            Some(format) => format == InputFormat::Csv,
-            None => input.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")),
-        };
-        if csv && options.command.is_none() {
-            return Err("CSV input needs --command, the command each row runs (for example --command Set-Mailbox)".to_owned().into());
-        }
-        if !csv && (options.command.is_some() || options.key_column.is_some() || options.delimiter.is_some()) {
-            return Err("--command, --key-column and --delimiter are for CSV input; JSONL items carry their own command and key \
-                 (use --input-format csv if the file is CSV)"
-                .to_owned()
-                .into());
-        }
+        let Setup { input, input_name, options, journal: journal_path, destination, workers: pool, size, runspaces, adaptive, allowed } = setup;
+        options.check_format(input)?;
         let timeout = match options.timeout_secs {
             Some(seconds) => Some(crate::positive_duration(seconds).ok_or_else(|| format!("--timeout must be {}", crate::SECONDS_RANGE))?),
             None => None,
         };
-        let max_line_bytes = options.max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES);
-        let mut source = Source::open(input).map_err(|e| e.to_string())?;
-        let sha256 = source.sha256().map_err(|e| e.to_string())?;
-        let lines_total = source.count_lines(max_line_bytes).map_err(|e| e.to_string())?;
-        let mut lines = source.lines(max_line_bytes).map_err(|e| e.to_string())?;
-        let (format, total): (Box<dyn Format + Send + Sync>, usize) = if let Some(command) = &options.command {
-            let table_options = table::TableOptions {
-                command: command.clone(),
-                key_column: options.key_column.clone(),
-                delimiter: options.delimiter.unwrap_or(','),
-                max_bytes: max_line_bytes,
-            };
-            (Box::new(table::Table::new(&mut lines, table_options).map_err(|e| e.to_string())?), lines_total.saturating_sub(1))
-        } else {
-            (Box::<jsonl::Jsonl>::default(), lines_total)
-        };
+        let Input { entries, total, sha256 } = options.open_input(input)?;
         let mut notes = Vec::new();
         let (journal, previous) = match &journal_path {
             Some(path) => {
@@ -551,10 +625,12 @@ impl Batch {
             Destination::Stream(lines) => ResultSink::Stream(lines),
         };
         Ok(Batch {
-            entries: Entries::new(lines, format),
+            entries,
             total,
             pool,
             workers: size,
+            runspaces,
+            adaptive,
             timeout,
             depth: options.depth,
             retry_failed: options.retry_failed,
@@ -581,11 +657,11 @@ impl Batch {
                 self.previous.in_flight(),
             ));
         }
-        // Read ahead up to one item per worker, so that the pool starts no more workers than there are
+        // Read ahead up to one item per runspace, so that the pool starts no more workers than there are
         // items to run.
         let mut ready: VecDeque<(Command, Ticket)> = VecDeque::new();
         let mut stop = None;
-        while ready.len() < self.workers {
+        while ready.len() < self.workers * self.runspaces {
             match self.next_to_run(&mut tally, &progress) {
                 Ok(Some(next)) => ready.push_back(next),
                 Ok(None) => break,
@@ -598,7 +674,7 @@ impl Batch {
         let mut interrupted = None;
         let mut code = EXIT_OK;
         if !ready.is_empty() && stop.is_none() {
-            match self.start_pool(ready.len(), &mut interrupts, &mut interrupted).await {
+            match self.start_pool(ready.len().div_ceil(self.runspaces), &mut interrupts, &mut interrupted).await {
                 Ok((pool, own)) => {
                     progress.begin(&tally); // the rate counts from here, not from the workers' start-up
                     let (was_interrupted, stopped) =
@@ -675,7 +751,7 @@ impl Batch {
                     self.emit(&record, progress)?;
                 }
                 Some(Entry::Item(item)) => {
-                    let Item { line, input, name, command, key, id, identity } = *item;
+                    let Item { line, input, name, command, key, id, identity, .. } = *item;
                     if let Some(refusal) = self.allowed.as_ref().and_then(|allowed| allowed(&name).err()) {
                         // The server's rules do not let this command run: like a line that cannot run.
                         tally.failed += 1;
@@ -773,7 +849,7 @@ impl Batch {
             .map_err(|e| format!("the workers could not start: {e}"))
     }
 
-    /// Runs the items, at most two per worker handed to the pool at a time, in input order. Returns
+    /// Runs the items, at most two per runspace handed to the pool at a time, in input order. Returns
     /// whether it was interrupted, and why it stopped otherwise. Items it did not hand over stay in
     /// `ready` or in the input.
     async fn dispatch(
@@ -785,7 +861,7 @@ impl Batch {
         interrupts: &mut Interrupts,
         mut interrupted: Option<Interrupt>,
     ) -> (Option<Interrupt>, Option<Stop>) {
-        let limit = self.workers * 2;
+        let limit = self.workers * self.runspaces * 2;
         let mut running: JoinSet<Result<InvocationResult, psbridge::Error>> = JoinSet::new();
         let mut tickets: HashMap<tokio::task::Id, (Ticket, AbortHandle)> = HashMap::new();
         // After the first signal, items that no worker has begun get the shutdown grace to begin: a batch
@@ -834,6 +910,9 @@ impl Batch {
             }
             if running.is_empty() {
                 break;
+            }
+            if self.adaptive {
+                progress.concurrency(pool.concurrency_limit());
             }
             tokio::select! {
                 Some(joined) = running.join_next_with_id() => match joined {
@@ -947,7 +1026,8 @@ impl Batch {
     }
 }
 
-fn summary(tally: &Tally, progress: &Progress) -> String {
+/// The line that ends a batch: what happened to its items, and how fast.
+pub fn summary(tally: &Tally, progress: &Progress) -> String {
     let mut text = format!(
         "psbridge batch: {} succeeded, {} failed ({} invalid), {} skipped (finished in an earlier run), {} retried",
         tally.succeeded, tally.failed, tally.invalid, tally.skipped, tally.retried
@@ -957,6 +1037,9 @@ fn summary(tally: &Tally, progress: &Progress) -> String {
     }
     if tally.not_run > 0 {
         text += &format!(", {} not run", tally.not_run);
+    }
+    if tally.duplicates > 0 {
+        text += &format!(", {} duplicate attempts (finished again after another host recorded them)", tally.duplicates);
     }
     let seconds = progress.elapsed().as_secs_f64();
     text + &format!("; {} items run in {seconds:.1} s ({:.1} items/s)", tally.ran, progress.rate(tally))

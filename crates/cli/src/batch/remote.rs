@@ -139,7 +139,7 @@ fn read_input(path: &Path) -> Result<Vec<u8>, CliError> {
 /// The batch's id when `--batch-id` does not give one: the same command run again (same profile, input
 /// file and output) names the same batch, and so resumes it. Standard input has no name: its content
 /// names it.
-fn default_id(profile: &str, input: &Path, output: Option<&Path>, content: &[u8]) -> String {
+pub fn default_id(profile: &str, input: &Path, output: Option<&Path>, content: &[u8]) -> String {
     let mut hash = Sha256::new();
     hash.update(b"psbridge batch\0");
     hash.update(profile.as_bytes());

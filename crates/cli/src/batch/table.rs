@@ -249,7 +249,7 @@ impl Table {
         if let Some(key) = &key {
             command = command.key(key.as_str());
         }
-        checked(Item { line, input, name, command, key, id: None, identity })
+        checked(Item { line, input, name, command, key, id: None, identity, parameters: shown })
     }
 
     /// The row written again with its secure cells replaced.

@@ -114,6 +114,10 @@ impl Metrics {
         for (profile, stats) in &pools {
             let _ = writeln!(out, "psbridge_queue_depth{{profile=\"{profile}\"}} {}", stats.as_ref().map_or(0, |s| s.queued));
         }
+        family(&mut out, "psbridge_concurrency_limit", "gauge", "Commands the pool lets run at once now (adaptive_concurrency lowers it on throttling).");
+        for (profile, stats) in pools.iter().filter_map(|(p, s)| s.as_ref().map(|s| (p, s))) {
+            let _ = writeln!(out, "psbridge_concurrency_limit{{profile=\"{profile}\"}} {}", stats.concurrency_limit);
+        }
         family(&mut out, "psbridge_workers", "gauge", "Workers by state.");
         for (profile, stats) in &pools {
             for (state, label) in [(WorkerState::Starting, "starting"), (WorkerState::Idle, "idle"), (WorkerState::Busy, "busy"), (WorkerState::Recycling, "recycling")] {

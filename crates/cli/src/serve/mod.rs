@@ -67,6 +67,11 @@ pub struct ServeArgs {
     #[arg(long, short, value_name = "N")]
     pub workers: Option<usize>,
 
+    /// Connected runspaces per worker process, each running one command at a time [default: the
+    /// profile's runspaces_per_worker, else 1].
+    #[arg(long, value_name = "M")]
+    pub runspaces_per_worker: Option<usize>,
+
     /// Workers per profile kept connected while its pool is open [default: 1].
     #[arg(long, value_name = "N", default_value = "1")]
     pub min_workers: usize,
@@ -125,6 +130,18 @@ pub struct ServeArgs {
     /// Where the server keeps batch journals [default: $XDG_STATE_HOME/psbridge/batches].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Also run the items that `batch --queue` publishes to this NATS JetStream server
+    /// (nats://HOST:PORT, or tls://HOST:PORT) for the profiles served at launch, as many at once as
+    /// each pool has --workers; credentials come from the configuration's [queue] section.
+    #[arg(long, value_name = "URL")]
+    pub queue: Option<String>,
+
+    /// With --queue: seconds without an acknowledgement (in-progress ones included) after which
+    /// JetStream gives an item to another host, the time to notice a host that died. The consumers keep
+    /// the value of the host that created them.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = crate::parse_seconds)]
+    pub ack_wait: Duration,
 }
 
 /// `--log-format`.
@@ -172,12 +189,17 @@ fn load(args: &ServeArgs, globals: &Globals, secrets: &mut SecretReader) -> Resu
         if max == 0 || args.min_workers == 0 {
             return Err(CliError::usage("--workers and --min-workers must be at least 1"));
         }
+        let runspaces = args.runspaces_per_worker.unwrap_or_else(|| profile.runspaces_per_worker());
+        if !(1..=64).contains(&runspaces) {
+            return Err(CliError::usage("--runspaces-per-worker must be 1 to 64"));
+        }
         let builder = profile
             .pool_builder(profile.builder(secrets)?)
+            .runspaces_per_worker(runspaces)
             .min_workers(args.min_workers.min(max))
             .max_workers(max)
             .shutdown_grace(args.shutdown_grace);
-        served.push(Served::new(profile, policy, builder, max, !args.lazy));
+        served.push(Served::new(profile, policy, builder, (max, runspaces), !args.lazy));
     }
     Ok(served)
 }
@@ -216,6 +238,18 @@ pub async fn run(args: ServeArgs, globals: Globals) -> Result<(), CliError> {
     });
     let serving = tokio::spawn(listener.serve(api::router(state), shutdown.child_token()));
     eprintln!("psbridge serve: listening on {address}");
+    let host = match &args.queue {
+        Some(url) => {
+            let config = Config::load(globals.config.as_deref())?;
+            let client = crate::queue::connect::connect(url, &config, &mut secrets, "psbridge serve", crate::queue::connect::Patience::Wait)
+                .await
+                .map_err(CliError::usage)?;
+            let profiles = pools.all().iter().map(|s| (s.name.clone(), s.workers * s.runspaces)).collect();
+            let options = crate::queue::host::HostOptions { ack_wait: args.ack_wait, name: crate::queue::host::host_name() };
+            Some(tokio::spawn(crate::queue::host::run(client, pools.clone(), profiles, options, shutdown.child_token())))
+        }
+        None => None,
+    };
     tracing::info!(%address, profiles = ?pools.all().iter().map(|s| s.name.clone()).collect::<Vec<_>>(), "listening");
 
     // The profiles started at launch; a signal meanwhile stops the server (the workers being started
@@ -281,9 +315,19 @@ pub async fn run(args: ServeArgs, globals: Globals) -> Result<(), CliError> {
         Ok(Err(error)) => tracing::warn!(%error, "serving ended with an error"),
         Err(error) => tracing::warn!(%error, "the server task failed"),
     }
+    if let Some(host) = host {
+        // The queued items that ran are recorded and acknowledged before the process ends (else they
+        // would be delivered again); a queue that cannot be reached does not hold the exit for long.
+        if tokio::time::timeout(QUEUE_RECORD_GRACE, host).await.is_err() {
+            tracing::warn!("the queue did not take the last results in time; their items are delivered again");
+        }
+    }
     eprintln!("psbridge serve: stopped");
     Ok(())
 }
+
+/// How long a stopping `serve --queue` waits for the queue to take the results of its last items.
+const QUEUE_RECORD_GRACE: Duration = Duration::from_secs(10);
 
 /// The next stop signal (reload requests are ignored meanwhile).
 async fn wait_for_stop(signals: &mut ServerSignals) -> crate::exit::Interrupt {

@@ -45,8 +45,10 @@ pub struct Served {
     builder: PoolBuilder,
     /// Started at launch (not `--lazy`): the health check waits for it.
     pub eager: bool,
-    /// Most workers of its pool (how many batch items run at once).
+    /// Most workers (processes) of its pool.
     pub workers: usize,
+    /// Runspaces per worker: up to `workers x runspaces` commands run at once.
+    pub runspaces: usize,
     /// The open pool, if any; the lock is held while one is being opened.
     pool: tokio::sync::Mutex<Option<Arc<RunspacePool>>>,
     /// The open pool, for readers that must not wait for an open in progress (statistics).
@@ -62,7 +64,9 @@ pub struct Served {
 
 impl Served {
     /// A profile to serve; nothing starts yet.
-    pub fn new(profile: Profile, policy: Policy, builder: PoolBuilder, workers: usize, eager: bool) -> Served {
+    /// `size` is (most workers, runspaces per worker).
+    pub fn new(profile: Profile, policy: Policy, builder: PoolBuilder, size: (usize, usize), eager: bool) -> Served {
+        let (workers, runspaces) = size;
         Served {
             name: profile.name.clone().unwrap_or_default(),
             profile,
@@ -70,6 +74,7 @@ impl Served {
             builder,
             eager,
             workers,
+            runspaces,
             pool: tokio::sync::Mutex::new(None),
             current: Mutex::new(None),
             users: AtomicUsize::new(0),
@@ -247,7 +252,7 @@ impl Pools {
             let mut next = BTreeMap::new();
             for new in fresh {
                 match served.remove(&new.name) {
-                    Some(old) if old.profile.spec == new.profile.spec && old.eager == new.eager && old.workers == new.workers => {
+                    Some(old) if old.profile.spec == new.profile.spec && old.eager == new.eager && old.workers == new.workers && old.runspaces == new.runspaces => {
                         // Unchanged: the pool stays (the rules come from the same spec, or from --allow-all,
                         // which a reload does not change).
                         next.insert(old.name.clone(), old);
