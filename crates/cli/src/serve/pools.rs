@@ -101,10 +101,11 @@ impl Served {
         Ok(pool)
     }
 
-    /// Takes the pool away (to close it) when `only` is it or `None`; later uses open a new one.
-    async fn take(&self, only: Option<&Arc<RunspacePool>>) -> Option<Arc<RunspacePool>> {
+    /// Takes the open pool away (to close it) when `due` says so, under the open lock (a request that
+    /// arrives meanwhile waits, then opens a new one).
+    async fn take_if(&self, due: impl FnOnce(&Arc<RunspacePool>) -> bool) -> Option<Arc<RunspacePool>> {
         let mut slot = self.pool.lock().await;
-        if only.is_some_and(|only| slot.as_ref().is_none_or(|current| !Arc::ptr_eq(current, only))) {
+        if !slot.as_ref().is_some_and(due) {
             return None;
         }
         *lock(&self.current) = None;
@@ -133,23 +134,17 @@ impl Served {
 
     /// Closes its pool if it is open (running commands get the pool's shutdown grace).
     async fn close(&self) {
-        if let Some(pool) = self.take(None).await {
+        if let Some(pool) = self.take_if(|_| true).await {
             pool.close().await;
         }
     }
 
     /// Closes its pool when it has been idle for `limit`.
     async fn close_if_idle(&self, limit: Duration) {
-        // Counted under the open lock: a request that arrives meanwhile waits and opens a new pool.
-        let mut slot = self.pool.lock().await;
-        if slot.is_none() || self.idle_for() < limit {
-            return;
+        if let Some(pool) = self.take_if(|_| self.idle_for() >= limit).await {
+            tracing::info!(profile = %self.name, idle = ?limit, "closing the idle pool");
+            pool.close().await;
         }
-        tracing::info!(profile = %self.name, idle = ?limit, "closing the idle pool");
-        *lock(&self.current) = None;
-        let pool = slot.take().expect("checked above");
-        drop(slot);
-        pool.close().await;
     }
 }
 
@@ -164,7 +159,7 @@ impl Lease {
     /// Drops this pool for good after it gave up on starting workers (every later command would fail
     /// the same way): the next request opens a fresh one.
     pub async fn discard(self) {
-        if let Some(pool) = self.served.take(Some(&self.pool)).await {
+        if let Some(pool) = self.served.take_if(|current| Arc::ptr_eq(current, &self.pool)).await {
             tokio::spawn(async move { pool.close().await });
         }
     }
