@@ -45,12 +45,21 @@ pids+=($!)
 url=nats://127.0.0.1:$port
 until grep -q "Server is ready" "$out/nats.log"; do sleep 0.1; done
 
-host() { # n: starts host n and waits until it pulls
-  local n=$1
-  "$psbridge" serve --simulated --queue "$url" --workers "$workers" --min-workers "$workers" \
-    --listen "unix:$out/host$n.sock" --audit "$out/host$n.audit" 2>"$out/host$n.log" &
-  pids+=($!)
-  until grep -q "serve: ready" "$out/host$n.log" && grep -q "pulling queued items" "$out/host$n.log"; do sleep 0.2; done
+host() { # n: starts host n and waits until it pulls (a host whose workers fail to start exits: again)
+  local n=$1 try pid
+  for try in 1 2 3; do
+    "$psbridge" serve --simulated --queue "$url" --workers "$workers" --min-workers "$workers" \
+      --listen "unix:$out/host$n.sock" --audit "$out/host$n.audit" 2>"$out/host$n.log" &
+    pid=$!
+    pids+=("$pid")
+    until grep -q "serve: ready" "$out/host$n.log" && grep -q "pulling queued items" "$out/host$n.log"; do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.2
+    done
+    grep -q "serve: ready" "$out/host$n.log" && return
+    echo "bench: host $n did not start (try $try): $(tail -n 2 "$out/host$n.log")" >&2
+  done
+  exit 1
 }
 
 summary_rate() { # log: the items/s of its summary line, after checking every item succeeded
