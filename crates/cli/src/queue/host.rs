@@ -351,15 +351,15 @@ impl Served {
         let mut record = work.record();
         let command = self.pools.served(&self.profile).ok().map(|served| served.policy.check_command(&work.command));
         let outcome = match (command, work.command()) {
-            (Some(Err(refusal)), _) => Err(format!("this host's rules for profile {} refuse it: {}", self.profile, refusal.0)),
-            (_, Err(error)) => Err(error.to_string()),
+            (Some(Err(refusal)), _) => Err(("psbridge.refused", format!("this host's rules for profile {} refuse it: {}", self.profile, refusal.0))),
+            (_, Err(error)) => Err(("psbridge.invalid_input", error.to_string())),
             (_, Ok(command)) => Ok(pool.invoke(command).await),
         };
         match outcome {
-            Err(reason) => {
+            Err((id, reason)) => {
+                // Not run: failed, with the reason.
                 record.status = crate::batch::Status::Failed;
-                record.attempts = delivered.try_into().unwrap_or(u32::MAX);
-                record.errors = vec![bridge_error("psbridge.refused", reason)];
+                record.errors = vec![bridge_error(id, reason)];
             }
             Ok(Err(psbridge::Error::WorkersUnavailable { .. })) => {
                 progress.abort();
