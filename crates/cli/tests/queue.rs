@@ -163,7 +163,7 @@ struct Host {
 impl Host {
     /// Starts a host serving `profiles` with [`WORKERS`] workers each, and waits until it pulls.
     fn start(env: &CliEnv, nats: &Nats, name: &str, profiles: &[&str], envs: &[(&str, &str)]) -> Host {
-        let host = Host::spawn(env, nats, name, profiles, envs);
+        let mut host = Host::spawn(env, nats, name, profiles, envs);
         host.wait_ready();
         host
     }
@@ -193,12 +193,15 @@ impl Host {
 
     /// Waits (up to three minutes: the workers start on a busy machine) until its pools are open and it
     /// pulls.
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) {
         let end = Instant::now() + Duration::from_secs(180);
         loop {
             let said = read(&self.stderr);
             if said.contains("psbridge serve: ready") && said.contains("psbridge serve: pulling queued items") {
                 return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the host ended ({status}) before it got ready: {said}");
             }
             assert!(Instant::now() < end, "the host never got ready: {said}");
             std::thread::sleep(Duration::from_millis(100));
@@ -347,8 +350,8 @@ fn audit(env: &CliEnv) -> Vec<(String, String, u32)> {
 #[test]
 fn two_thousand_keyed_items_complete_when_a_host_is_killed_and_every_mailbox_exists_once() {
     let Some((env, nats)) = world() else { return };
-    let hosts: Vec<Host> = (1..=3).map(|n| Host::spawn(&env, &nats, &format!("host{n}"), &["sim"], &[])).collect();
-    hosts.iter().for_each(Host::wait_ready);
+    let mut hosts: Vec<Host> = (1..=3).map(|n| Host::spawn(&env, &nats, &format!("host{n}"), &["sim"], &[])).collect();
+    hosts.iter_mut().for_each(Host::wait_ready);
     let items: Vec<Value> =
         (0..2000).map(|i| json!({ "command": "New-Mailbox", "parameters": { "Name": format!("Q{i:04}") }, "key": format!("Q{i:04}"), "id": i })).collect();
     let input = write_items(&env, "mailboxes.jsonl", &items);
@@ -390,8 +393,8 @@ fn two_thousand_keyed_items_complete_when_a_host_is_killed_and_every_mailbox_exi
 fn a_host_stopped_past_the_ack_wait_and_continued_records_nothing_twice() {
     let Some((env, nats)) = world() else { return };
     let slow = [("EXO_SIM_LATENCY_MS", "1500")];
-    let hosts: Vec<Host> = (1..=3).map(|n| Host::spawn(&env, &nats, &format!("host{n}"), &["sim"], &slow)).collect();
-    hosts.iter().for_each(Host::wait_ready);
+    let mut hosts: Vec<Host> = (1..=3).map(|n| Host::spawn(&env, &nats, &format!("host{n}"), &["sim"], &slow)).collect();
+    hosts.iter_mut().for_each(Host::wait_ready);
     let items: Vec<Value> = (1..=48)
         .map(|i| json!({ "command": "Set-Mailbox", "parameters": { "Identity": format!("ContosoUser{i}"), "Office": format!("S{i}") }, "key": format!("ContosoUser{i}") }))
         .collect();
@@ -439,8 +442,8 @@ fn a_host_stopped_past_the_ack_wait_and_continued_records_nothing_twice() {
 fn a_batch_survives_the_nats_server_restarting_and_loses_nothing() {
     let Some((env, mut nats)) = world() else { return };
     let latency = [("EXO_SIM_LATENCY_MS", "40")];
-    let hosts: Vec<Host> = (1..=2).map(|n| Host::spawn(&env, &nats, &format!("host{n}"), &["sim"], &latency)).collect();
-    hosts.iter().for_each(Host::wait_ready);
+    let mut hosts: Vec<Host> = (1..=2).map(|n| Host::spawn(&env, &nats, &format!("host{n}"), &["sim"], &latency)).collect();
+    hosts.iter_mut().for_each(Host::wait_ready);
     // 30 mailboxes, 10 changes each in order: the last one must win.
     let items: Vec<Value> = (1..=10)
         .flat_map(|step| {
@@ -477,8 +480,8 @@ fn a_batch_survives_the_nats_server_restarting_and_loses_nothing() {
 #[test]
 fn read_modify_write_chains_on_the_same_keys_keep_their_order_across_three_hosts() {
     let Some((env, nats)) = world() else { return };
-    let hosts: Vec<Host> = (1..=3).map(|n| Host::spawn(&env, &nats, &format!("host{n}"), &["sim"], &[])).collect();
-    hosts.iter().for_each(Host::wait_ready);
+    let mut hosts: Vec<Host> = (1..=3).map(|n| Host::spawn(&env, &nats, &format!("host{n}"), &["sim"], &[])).collect();
+    hosts.iter_mut().for_each(Host::wait_ready);
     let workers: Vec<HashSet<u32>> = hosts.iter().map(Host::worker_pids).collect();
     // Each step reads the mailbox's CustomAttribute2, waits a little and writes it back with its own
     // number appended: steps of one key that overlapped or ran out of order would lose or swap numbers.
@@ -572,7 +575,7 @@ fn a_host_whose_workers_cannot_connect_takes_nothing() {
     // demand, and fails every time).
     let broken = CliEnv::new("");
     broken.write_config(&queue_config(env.dir.path(), "nowhere.onmicrosoft.com"));
-    let bad = Host::spawn_with(&broken, &nats, "broken", &["other"], &[], &["--lazy"]);
+    let mut bad = Host::spawn_with(&broken, &nats, "broken", &["other"], &[], &["--lazy"]);
     bad.wait_ready();
     let items: Vec<Value> =
         (1..=10).map(|n| json!({ "command": "Set-Mailbox", "parameters": { "Identity": format!("ContosoUser{n}"), "Office": "N" } })).collect();

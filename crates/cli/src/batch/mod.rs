@@ -79,6 +79,7 @@ const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
     psbridge batch --profile contoso --command Set-Mailbox --key-column Identity departments.csv --output results.jsonl\n  \
     psbridge batch --profile contoso --workers 8 new-mailboxes.jsonl --output created.jsonl\n  \
     psbridge batch --profile contoso new-mailboxes.jsonl --output created.jsonl      # again: resumes\n  \
+    psbridge batch --profile contoso --queue nats://nats.example.com:4222 new-mailboxes.jsonl -o created.jsonl   # on serve --queue hosts\n  \
     psbridge batch --simulated --command Get-Mailbox ids.csv --quiet | jq -c 'select(.status != \"succeeded\")'\n\n\
     JSONL item:  {\"command\": \"New-Mailbox\", \"parameters\": {\"Name\": \"Ann\", \"Shared\": true}, \"key\": \"Ann\", \"id\": 17}\n\
     CSV header:  Identity,HiddenFromAddressListsEnabled:bool,ResultSize:int,Force:switch,EmailAddresses:array,Password:securestring\n\n\

@@ -33,8 +33,8 @@ use crate::batch::record::bridge_error;
 use crate::serve::pools::{Pools, PoolsError};
 
 /// How long one pull waits for a message that is not deliverable yet (its partition's previous item
-/// is running on another host).
-const FETCH_WAIT: Duration = Duration::from_millis(200);
+/// is running on another host): what picking such a partition costs a free worker.
+const FETCH_WAIT: Duration = Duration::from_millis(25);
 /// How long the stream's per-partition counts are trusted.
 const COUNTS_TTL: Duration = Duration::from_millis(100);
 /// How long a slot with nothing to do waits before looking again.
@@ -87,7 +87,7 @@ pub async fn run(client: async_nats::Client, pools: Pools, profiles: Vec<(String
             consumers,
             options: options.clone(),
             shutdown: shutdown.clone(),
-            board: Mutex::new(Board::default()),
+            board: Mutex::new(Board::new()),
         });
         tracing::info!(profile = %served.profile, workers, "pulling the profile's queued items");
         for _ in 0..workers {
@@ -130,15 +130,29 @@ struct Served {
 }
 
 /// What this host knows of a profile's partitions.
-#[derive(Default)]
 struct Board {
     /// Messages per partition (in flight included), when last counted.
     counts: HashMap<Partition, u64>,
     counted: Option<Instant>,
     /// Keyed partitions a slot of this host is pulling from or running an item of.
     claimed: HashSet<Partition>,
-    /// Where the next search starts, for fairness between partitions.
-    cursor: usize,
+    /// Picks among the partitions with work at random, so that hosts do not all try the same one first
+    /// (xorshift; seeded by the process and the time).
+    random: u64,
+}
+
+impl Board {
+    fn new() -> Board {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        Board { counts: HashMap::new(), counted: None, claimed: HashSet::new(), random: (nanos ^ u64::from(std::process::id()) << 32) | 1 }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.random ^= self.random << 13;
+        self.random ^= self.random >> 7;
+        self.random ^= self.random << 17;
+        self.random
+    }
 }
 
 /// What became of a message.
@@ -248,19 +262,18 @@ impl Served {
             }
         }
         let mut board = lock(&self.board);
-        let partitions: Vec<Partition> = Partition::all().collect();
-        for step in 0..partitions.len() {
-            let partition = partitions[(board.cursor + step) % partitions.len()];
-            let free = partition == Partition::Unkeyed || !board.claimed.contains(&partition);
-            if free && board.counts.get(&partition).is_some_and(|n| *n > 0) {
-                board.cursor = (board.cursor + step + 1) % partitions.len();
-                if partition != Partition::Unkeyed {
-                    board.claimed.insert(partition);
-                }
-                return Some(partition);
-            }
+        let candidates: Vec<Partition> = Partition::all()
+            .filter(|p| *p == Partition::Unkeyed || !board.claimed.contains(p))
+            .filter(|p| board.counts.get(p).is_some_and(|n| *n > 0))
+            .collect();
+        if candidates.is_empty() {
+            return None;
         }
-        None
+        let partition = candidates[(board.next_random() % candidates.len() as u64) as usize];
+        if partition != Partition::Unkeyed {
+            board.claimed.insert(partition);
+        }
+        Some(partition)
     }
 
     /// Claims `partition` for a slot; false when another slot of this host has it.
@@ -338,15 +351,15 @@ impl Served {
         let mut record = work.record();
         let command = self.pools.served(&self.profile).ok().map(|served| served.policy.check_command(&work.command));
         let outcome = match (command, work.command()) {
-            (Some(Err(refusal)), _) => Err(format!("this host's rules for profile {} refuse it: {}", self.profile, refusal.0)),
-            (_, Err(error)) => Err(error.to_string()),
+            (Some(Err(refusal)), _) => Err(("psbridge.refused", format!("this host's rules for profile {} refuse it: {}", self.profile, refusal.0))),
+            (_, Err(error)) => Err(("psbridge.invalid_input", error.to_string())),
             (_, Ok(command)) => Ok(pool.invoke(command).await),
         };
         match outcome {
-            Err(reason) => {
+            Err((id, reason)) => {
+                // Not run: failed, with the reason.
                 record.status = crate::batch::Status::Failed;
-                record.attempts = delivered.try_into().unwrap_or(u32::MAX);
-                record.errors = vec![bridge_error("psbridge.refused", reason)];
+                record.errors = vec![bridge_error(id, reason)];
             }
             Ok(Err(psbridge::Error::WorkersUnavailable { .. })) => {
                 progress.abort();
