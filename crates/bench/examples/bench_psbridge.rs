@@ -19,21 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use common::{Config, Records, Run, millis_since, peak_megabytes, read_properties};
-use psbridge::{Command, InvocationResult, Runspace, RunspaceBuilder, RunspacePool, StreamItem};
+use psbridge::{Command, InvocationResult, Runspace, RunspacePool, StreamItem};
 
 const LANES: usize = 3;
-
-fn workers() -> RunspaceBuilder {
-    Runspace::builder()
-        .module("ExchangeOnlineManagement")
-        .connect(
-            Command::new("Connect-ExchangeOnline")
-                .param("ManagedIdentity", true)
-                .param("Organization", "contoso.onmicrosoft.com")
-                .param("ShowBanner", false),
-        )
-        .disconnect(Command::new("Disconnect-ExchangeOnline").param("Confirm", false))
-}
 
 fn get_mailbox(identity: &str) -> Command {
     Command::new("Get-Mailbox").param("Identity", identity)
@@ -88,7 +76,7 @@ async fn single(config: &Config, records: &mut Records) {
     let counts = config.counts(false);
     let ids = &config.identities;
     let started = Instant::now();
-    let mut runspace = workers().open().await.expect("the runspace opens");
+    let mut runspace = common::connected_workers().open().await.expect("the runspace opens");
     records.add("Runspace", "start-up", serde_json::json!({ "ms": millis_since(started) }));
     records.add("Runspace", "warm-up", sequential(&mut runspace, &ids[..counts.warmup]).await.warm_up());
     let small = &ids[counts.warmup..counts.warmup + counts.small];
@@ -103,7 +91,7 @@ async fn pool(config: &Config, records: &mut Records, processes: usize, runspace
     let counts = config.counts(false);
     let ids = &config.identities;
     let started = Instant::now();
-    let pool = RunspacePool::builder(workers())
+    let pool = RunspacePool::builder(common::connected_workers())
         .min_workers(processes)
         .max_workers(processes)
         .runspaces_per_worker(runspaces)
@@ -157,7 +145,7 @@ async fn stream_all(runspace: &mut Runspace) -> (usize, usize) {
 }
 
 async fn large(records: &mut Records) {
-    let mut runspace = workers().open().await.expect("the runspace opens");
+    let mut runspace = common::connected_workers().open().await.expect("the runspace opens");
     // The first full listing is the warm-up (JIT, PowerShell compiling the module's loop), reported apart.
     let warm_up = Instant::now();
     stream_all(&mut runspace).await;

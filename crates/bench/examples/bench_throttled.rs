@@ -13,23 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use psbridge::{Command, RetryPolicy, Runspace, RunspaceBuilder, RunspacePool, exo};
+use psbridge::{Command, RetryPolicy, RunspacePool, exo};
 use psbridge_bench::{Config, Records};
 
 const WORKERS: usize = 2;
 const RUNSPACES: usize = 4;
-
-fn workers() -> RunspaceBuilder {
-    Runspace::builder()
-        .module("ExchangeOnlineManagement")
-        .connect(
-            Command::new("Connect-ExchangeOnline")
-                .param("ManagedIdentity", true)
-                .param("Organization", "contoso.onmicrosoft.com")
-                .param("ShowBanner", false),
-        )
-        .disconnect(Command::new("Disconnect-ExchangeOnline").param("Confirm", false))
-}
 
 /// `EXO_SIM_BUDGET` as (calls, window): `100/5s` is (100, 5 s).
 fn budget() -> (f64, Duration) {
@@ -61,7 +49,7 @@ async fn throttled(config: &Config, adaptive: bool, records: &mut Records) {
     let tenant = PathBuf::from(std::env::var("EXO_SIM_TENANT").expect("bench.sh sets EXO_SIM_TENANT"));
     let items = config.throttled_items;
     let (calls, window) = budget();
-    let pool = RunspacePool::builder(workers())
+    let pool = RunspacePool::builder(psbridge_bench::connected_workers())
         .min_workers(WORKERS)
         .max_workers(WORKERS)
         .runspaces_per_worker(RUNSPACES)

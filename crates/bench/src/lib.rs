@@ -117,11 +117,14 @@ pub fn sim_modules() -> PathBuf {
 
 /// A worker connected to the simulated tenant in `tenant`, each cmdlet delayed by `latency_ms`.
 pub fn sim_workers(tenant: &Path, latency_ms: u32) -> RunspaceBuilder {
+    connected_workers().module_path(sim_modules()).env("EXO_SIM_TENANT", tenant).env("EXO_SIM_LATENCY_MS", latency_ms.to_string())
+}
+
+/// Workers that import ExchangeOnlineManagement and connect with a managed identity (the module and the
+/// tenant come from the environment, as bench.sh sets them), disconnecting when they close.
+pub fn connected_workers() -> RunspaceBuilder {
     Runspace::builder()
-        .module_path(sim_modules())
         .module("ExchangeOnlineManagement")
-        .env("EXO_SIM_TENANT", tenant)
-        .env("EXO_SIM_LATENCY_MS", latency_ms.to_string())
         .connect(
             Command::new("Connect-ExchangeOnline")
                 .param("ManagedIdentity", true)
