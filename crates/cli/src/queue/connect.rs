@@ -12,11 +12,13 @@ use crate::secret::SecretReader;
 
 /// How often the connection is checked when it is idle: a server that went away is noticed within this.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a [`Patience::FailFast`] connection tries a server that refuses it (one just starting).
+const FAIL_FAST_WITHIN: Duration = Duration::from_secs(5);
 
 /// Whether a connection waits for a server that is not there yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Patience {
-    /// Fail at once when no server answers (a submitter, `psbridge queue`).
+    /// Fail when no server answers within [`FAIL_FAST_WITHIN`] (a submitter, `psbridge queue`).
     FailFast,
     /// Keep trying until one does (a host may start before its server).
     Wait,
@@ -73,8 +75,21 @@ pub async fn connect(url: &str, config: &Config, secrets: &mut SecretReader, nam
     }
     if patience == Patience::Wait {
         options = options.retry_on_initial_connect();
+        return options.connect(servers).await.map_err(|source| QueueError::Connect { url: url.to_owned(), source });
     }
-    options.connect(servers).await.map_err(|source| QueueError::Connect { url: url.to_owned(), source })
+    // A server refusing connections may be starting: it gets a few seconds; bad credentials, TLS and
+    // addresses fail at once.
+    let until = std::time::Instant::now() + FAIL_FAST_WITHIN;
+    loop {
+        match options.clone().connect(servers.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(source) if source.kind() == async_nats::ConnectErrorKind::Io && std::time::Instant::now() < until => {
+                tracing::debug!(%source, "the queue refuses connections; trying again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(source) => return Err(QueueError::Connect { url: url.to_owned(), source }),
+        }
+    }
 }
 
 #[cfg(test)]
