@@ -7,12 +7,16 @@
 //! Use it with `RunspaceBuilder::pwsh("target/debug/examples/fake_worker")`; the arguments psbridge
 //! passes (`-NoLogo ... -File worker.ps1 -CacheDirectory DIR`) are ignored.
 //!
-//! It prints `ready` (protocol 1, its own pid), answers `setup` with `done`, and runs the script text
-//! of each `invoke`'s first step as instructions, one per line, in order:
+//! It prints `ready` (protocol 2, its own pid), answers `setup` with `done`, and runs the script text
+//! of each `invoke`'s first step as instructions, one per line, in order. Like the real worker it hosts
+//! as many runspaces as the owner sets up (`setup` with `runspace` N), each running its own requests on
+//! a thread of its own:
 //!
 //! | instruction | what the fake worker does |
 //! |---|---|
 //! | `echo <json>` | one `out` with that value |
+//! | `clock` | one `out` with the time in milliseconds since the Unix epoch (a float) |
+//! | `lane` | one `out` with the index of the runspace running the request |
 //! | `long <n>` | one `out` whose value is a string of `n` `x`: a line a little longer than `n` bytes |
 //! | `sleep <ms>` | waits; a `cancel` for the request ends it with `done` `Stopped` |
 //! | `hang` | waits forever and ignores `cancel` (only the owner's kill or stdin EOF ends it) |
@@ -21,60 +25,91 @@
 //! | `garbage` | writes a line that is not JSON to stdout |
 //! | `exit <n>` | ends the request: `done` `Completed` with `exit_code` `n` |
 //! | `error <message>` | a terminating `err` with that message, then `done` `Failed` |
-//! | `throttle <n>` | the first `n` times in this process: a non-terminating `err` shaped like Exchange Online's HTTP 429, then `done`; afterwards nothing |
+//! | `throttle <n>` | the first `n` times in this process (all runspaces together): a non-terminating `err` shaped like Exchange Online's HTTP 429, then `done`; afterwards nothing |
 //!
 //! A request that runs to its end gets `done` `Completed`. Like the real worker it reads stdin on a
-//! thread of its own, so that `cancel` arrives while an instruction runs; it exits at once on stdin EOF,
-//! and after the requests before it on `exit`.
+//! thread of its own, so that `cancel` arrives while an instruction runs (every runspace hears every
+//! cancel; ids are unique in the process); it exits at once on stdin EOF, and after the requests before
+//! it on `exit`.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{BufRead, Write};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
+/// How many `throttle` instructions this process has failed, all runspaces together.
+static THROTTLED: AtomicU32 = AtomicU32::new(0);
+
 fn main() {
-    let requests = read_requests();
+    let (first, requests) = mpsc::channel();
+    let lanes = std::thread::spawn(move || read_requests(first));
     send(&json!({
-        "t": "ready", "protocol": 1, "ps_version": "0.0.0", "ps_edition": "Fake",
+        "t": "ready", "protocol": 2, "ps_version": "0.0.0", "ps_edition": "Fake",
         "os": std::env::consts::OS, "pid": std::process::id(),
     }));
-    Worker { requests, queued: VecDeque::new(), cancelled: HashSet::new(), throttled: 0 }.serve();
+    Worker::new(0, requests).serve();
+    for lane in lanes.join().unwrap_or_default() {
+        let _ = lane.join();
+    }
 }
 
-/// Reads owner messages on a thread of its own; stdin EOF ends the process at once, as the real worker's does.
-fn read_requests() -> Receiver<Value> {
-    let (sender, requests) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if line.is_empty() {
+/// Reads owner messages on a thread of its own and hands each to the runspace it names (a `setup` for a
+/// new index starts that runspace's thread); stdin EOF ends the process at once, as the real worker's
+/// does. Returns the threads of the runspaces it started, after `exit`.
+fn read_requests(first: Sender<Value>) -> Vec<JoinHandle<()>> {
+    let mut lanes = vec![first];
+    let mut threads = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        if line.is_empty() {
+            continue;
+        }
+        let message = match serde_json::from_str::<Value>(&line) {
+            Ok(message) => message,
+            Err(error) => {
+                send(&json!({"t": "fatal", "message": format!("unparsable request: {error}")}));
                 continue;
             }
-            match serde_json::from_str::<Value>(&line) {
-                Ok(message) => {
-                    let exit = message["t"] == "exit";
-                    if sender.send(message).is_err() || exit {
-                        return; // nothing is read after exit, so its EOF ends nothing early
+        };
+        match message["t"].as_str() {
+            Some("cancel") => lanes.iter().for_each(|lane| drop(lane.send(message.clone()))),
+            Some("exit") => {
+                lanes.iter().for_each(|lane| drop(lane.send(message.clone())));
+                return threads; // nothing is read after exit, so its EOF ends nothing early
+            }
+            _ => {
+                let index = message["runspace"].as_u64().unwrap_or(0) as usize;
+                if index == lanes.len() && message["t"] == "setup" {
+                    let (sender, requests) = mpsc::channel();
+                    lanes.push(sender);
+                    threads.push(std::thread::spawn(move || Worker::new(index, requests).serve()));
+                }
+                match lanes.get(index) {
+                    Some(lane) => drop(lane.send(message)),
+                    None => {
+                        let id = message["id"].as_u64().unwrap_or(0);
+                        send_error(id, &format!("runspace {index} has not been set up"), true);
+                        done(id, "Failed", true, Instant::now(), None);
                     }
                 }
-                Err(error) => send(&json!({"t": "fatal", "message": format!("unparsable request: {error}")})),
             }
         }
-        std::process::exit(0);
-    });
-    requests
+    }
+    std::process::exit(0);
 }
 
 struct Worker {
+    /// Which runspace this is.
+    index: usize,
     requests: Receiver<Value>,
     /// Requests that arrived while an instruction waited.
     queued: VecDeque<Value>,
     /// Ids cancelled before they ran (or after they finished).
     cancelled: HashSet<u64>,
-    /// How many `throttle` instructions this process has failed.
-    throttled: u32,
 }
 
 /// How one instruction left the request.
@@ -84,6 +119,10 @@ enum Flow {
 }
 
 impl Worker {
+    fn new(index: usize, requests: Receiver<Value>) -> Worker {
+        Worker { index, requests, queued: VecDeque::new(), cancelled: HashSet::new() }
+    }
+
     fn serve(&mut self) {
         while let Some(request) = self.next_request() {
             let id = request["id"].as_u64().unwrap_or(0);
@@ -142,6 +181,11 @@ impl Worker {
                 Ok(value) => send(&json!({"t": "out", "id": id, "types": [], "v": value})),
                 Err(error) => return failed(id, &format!("echo: {error}")),
             },
+            "clock" => {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                send(&json!({"t": "out", "id": id, "types": ["System.Double"], "v": now.as_secs_f64() * 1000.0}));
+            }
+            "lane" => send(&json!({"t": "out", "id": id, "types": ["System.Int32"], "v": self.index})),
             "long" => send(&json!({"t": "out", "id": id, "types": ["System.String"], "v": "x".repeat(number(argument))})),
             "sleep" => {
                 if self.sleep(id, Duration::from_millis(number(argument))) {
@@ -167,8 +211,7 @@ impl Worker {
             }
             "exit" => return Flow::Done { state: "Completed", had_errors: false, exit_code: Some(number(argument)) },
             "error" => return failed(id, argument),
-            "throttle" if self.throttled < number::<u32>(argument) => {
-                self.throttled += 1;
+            "throttle" if THROTTLED.fetch_add(1, Ordering::SeqCst) < number::<u32>(argument) => {
                 let message = "Error while querying REST service. HttpStatusCode=429 \
                                ErrorMessage={\"error\":{\"code\":\"TooManyRequests\",\"message\":\"Rate limit exceeded.\"}}";
                 send_error(id, message, false);

@@ -2,12 +2,15 @@
 # Benchmarks psbridge against the alternatives, side by side in one run on this machine, against the
 # simulated ExchangeOnlineManagement module (scripts/sim) with no simulated latency:
 #   in-process C# (Microsoft's Samples 1 and 2 on Microsoft.PowerShell.SDK)  scripts/bench/csharp
-#   psbridge (Runspace, RunspacePool of 3)                                   crates/bench/examples/bench_psbridge.rs
+#   psbridge (Runspace; RunspacePool of 3 x 1, 1 x 3, 2 x 2 runspaces)        crates/bench/examples/bench_psbridge.rs
 #   node-powershell (its persistent shell, JSON via ConvertTo-Json)          scripts/bench/node
 #   one-shot pwsh (a new pwsh -Command per cmdlet)                           crates/bench/examples/bench_oneshot.rs
 #
+# and a throttled batch of 2,000 Set-Mailbox under the tenant budget EXO_SIM_BUDGET=100/5s with 200 ms of
+# service latency, psbridge's pool (2 x 4 runspaces) at fixed concurrency 8 and adaptive  bench_throttled.rs
+#
 #   scripts/bench.sh           full run: 2,000 small calls, 1,000 writes, 50,000 mailboxes
-#   scripts/bench.sh --quick   same shape, smaller counts (200, 100, 5,000)
+#   scripts/bench.sh --quick   same shape, smaller counts (200, 100, 5,000); the throttled batch is the same
 #
 # Builds what it needs (dotnet restore/build, npm ci, cargo build --release --examples), then writes
 # target/bench/summary.json, target/bench/summary.md and target/bench/summary.svg. Needs the README's
@@ -76,9 +79,26 @@ run() { # comparator phase command...
 for phase in single parallel large; do
   run csharp "$phase" dotnet "$bench/csharp/bin/Release/net10.0/PsBench.dll"
   run psbridge "$phase" "$examples/bench_psbridge"
+  if [ "$phase" = parallel ]; then
+    # The same three lanes on one process of three runspaces, and on two of two.
+    run psbridge parallel-1x3 "$examples/bench_psbridge"
+    run psbridge parallel-2x2 "$examples/bench_psbridge"
+  fi
   run node "$phase" node "$bench/node/bench.js"
   run oneshot "$phase" "$examples/bench_oneshot"
 done
+
+# The throttled batch: a tenant of its own (200 mailboxes, seeded on first connect), whose budget every
+# worker process shares; the service answers each call after 200 ms (an assumption: a REST cmdlet's
+# round trip to the real service takes a few hundred ms; at 50 ms the best concurrency is about 1, too
+# coarse a unit for any concurrency limit to track a rate budget).
+(
+  export EXO_SIM_TENANT=$out/tenant-throttled EXO_SIM_BUDGET=100/5s EXO_SIM_LATENCY_MS=200
+  rm -rf "$EXO_SIM_TENANT"
+  for mode in fixed adaptive; do
+    run psbridge-throttled "$mode" "$examples/bench_throttled"
+  done
+)
 rm -rf "$out/tmp"
 
 step "report"

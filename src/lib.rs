@@ -23,7 +23,9 @@ pub use protocol::{ModuleSpec, WorkerInfo};
 pub use records::{
     Completion, ErrorRecord, InformationRecord, InvocationResult, PipelineState, ProgressRecord, PsObject, StreamItem,
 };
-pub use pool::{Counters, Pending, Percentiles, PoolBuilder, PoolStats, PoolStream, RecyclePolicy, RunspacePool, WorkerState, WorkerStats};
+pub use pool::{
+    Counters, Pending, Percentiles, PoolBuilder, PoolStats, PoolStream, ProcessStats, RecyclePolicy, RunspacePool, WorkerState, WorkerStats,
+};
 pub use retry::RetryPolicy;
 pub use runspace::{CancelHandle, Invocation, Runspace, RunspaceBuilder};
 

@@ -21,7 +21,7 @@ use crate::errors::{Error, Result};
 use crate::records::{Completion, ErrorRecord, InformationRecord, PipelineState, ProgressRecord, PsObject, StreamItem};
 
 /// The protocol version this library speaks; the worker announces its own in `ready`.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// The worker's first line.
 #[derive(Debug, Clone, Deserialize)]
@@ -47,9 +47,11 @@ pub struct ModuleSpec {
     pub minimum_version: Option<String>,
 }
 
-/// Session set-up, sent once after the handshake.
+/// Session set-up, sent once per runspace after the handshake.
 pub(crate) struct Setup<'a> {
     pub(crate) id: u64,
+    /// Which runspace of the worker; omitted on the wire when 0.
+    pub(crate) runspace: usize,
     pub(crate) modules: &'a [ModuleSpec],
     pub(crate) execution_policy: Option<&'a str>,
     pub(crate) variables: &'a serde_json::Map<String, Value>,
@@ -71,6 +73,9 @@ impl Serialize for Setup<'_> {
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("t", "setup")?;
         map.serialize_entry("id", &self.id)?;
+        if self.runspace > 0 {
+            map.serialize_entry("runspace", &self.runspace)?;
+        }
         map.serialize_entry("modules", &Modules(self.modules))?;
         map.serialize_entry("execution_policy", &self.execution_policy)?;
         map.serialize_entry("variables", self.variables)?;
@@ -110,6 +115,8 @@ impl std::io::Write for ByteCount {
 /// An `invoke` request. Serializing it exposes secrets: only [`encode`] does that, for the worker's stdin.
 pub(crate) struct Invoke<'a> {
     pub(crate) id: u64,
+    /// Which runspace of the worker runs it; omitted on the wire when 0.
+    pub(crate) runspace: usize,
     pub(crate) command: &'a Command,
 }
 
@@ -118,6 +125,9 @@ impl Serialize for Invoke<'_> {
         let mut map = s.serialize_map(None)?;
         map.serialize_entry("t", "invoke")?;
         map.serialize_entry("id", &self.id)?;
+        if self.runspace > 0 {
+            map.serialize_entry("runspace", &self.runspace)?;
+        }
         if let Some(depth) = self.command.depth {
             map.serialize_entry("depth", &depth)?;
         }
@@ -303,7 +313,7 @@ mod tests {
             .secure_param("CertificatePassword", SecretString::from("p@ss"))
             .pipe("Select-Object")
             .param("First", 1);
-        let line = encode(&Invoke { id: 7, command: &command });
+        let line = encode(&Invoke { id: 7, runspace: 0, command: &command });
         let v: Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["t"], "invoke");
         assert_eq!(v["id"], 7);
@@ -319,7 +329,7 @@ mod tests {
     #[test]
     fn a_line_is_allocated_once_at_its_length() {
         let command = Command::script("param($V) $V.Length").param("V", "é\"x".repeat(10_000));
-        let line = encode(&Invoke { id: 1, command: &command });
+        let line = encode(&Invoke { id: 1, runspace: 0, command: &command });
         assert_eq!(line.capacity(), line.len(), "no spare capacity, so no reallocation happened");
         assert_eq!(line.last(), Some(&b'\n'));
     }
@@ -343,7 +353,7 @@ mod tests {
         assert!(matches!(m, Message::Item(3, StreamItem::Output(ref o)) if o.value.is_null()), "null is a value");
         let m = decode(r#"{"t":"done","id":3,"state":"Completed","had_errors":false,"exit_code":5,"native_exit_code":2}"#).unwrap();
         assert!(matches!(m, Message::Done(3, c) if c.exit_code == Some(5) && c.native_exit_code == Some(2)));
-        let m = decode(r#"{"t":"ready","protocol":1,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":9}"#).unwrap();
+        let m = decode(r#"{"t":"ready","protocol":2,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":9}"#).unwrap();
         assert!(matches!(m, Message::Ready(ref i) if i.pid == 9));
     }
 
@@ -365,7 +375,9 @@ mod tests {
             ModuleSpec { name: "/opt/psbridge/modules/Contoso.Tools.psd1".into(), minimum_version: None },
         ];
         let variables = serde_json::json!({"Tenant": "contoso", "Limit": 5, "When": {"$psbridge": "datetime", "value": "2026-01-02T03:04:05Z"}});
-        let setup = Setup { id: 1, modules: &modules, execution_policy: Some("RemoteSigned"), variables: variables.as_object().unwrap(), depth: 4 };
+        let setup = Setup { id: 1, runspace: 0, modules: &modules, execution_policy: Some("RemoteSigned"), variables: variables.as_object().unwrap(), depth: 4 };
+        let no_variables = serde_json::Map::new();
+        let second_setup = Setup { id: 4, runspace: 1, modules: &[], execution_policy: None, variables: &no_variables, depth: 4 };
         // Numbers parsed from text keep their text (serde_json's arbitrary_precision), as callers' JSON does.
         let plain: serde_json::Map<String, Value> = serde_json::from_str(
             r#"{"Text": "café ✓ \"quoted\" \\ back\nslash\u0001", "Int": 42, "Negative": -7, "Long": 9007199254740993,
@@ -389,8 +401,10 @@ mod tests {
         let script = Command::script("param($Name) \"Hello, $Name\"").param("Name", "world");
         vec![
             encode(&setup),
-            encode(&Invoke { id: 2, command: &every_kind }),
-            encode(&Invoke { id: 3, command: &script }),
+            encode(&Invoke { id: 2, runspace: 0, command: &every_kind }),
+            encode(&Invoke { id: 3, runspace: 0, command: &script }),
+            encode(&second_setup),
+            encode(&Invoke { id: 5, runspace: 1, command: &Command::new("Get-Date") }),
             control("cancel", Some(2)),
             control("exit", None),
         ]
@@ -413,7 +427,7 @@ mod tests {
 
     /// What each line of the worker fixture must decode to, in order.
     fn worker_messages() -> Vec<Message> {
-        let info = WorkerInfo { protocol: 1, ps_version: "7.6.9".into(), ps_edition: "Core".into(), os: "Ubuntu 24.04.2 LTS".into(), pid: 4242 };
+        let info = WorkerInfo { protocol: 2, ps_version: "7.6.9".into(), ps_edition: "Core".into(), os: "Ubuntu 24.04.2 LTS".into(), pid: 4242 };
         let object = PsObject {
             type_names: vec!["Psbridge.Fixture".into(), "System.Management.Automation.PSCustomObject".into(), "System.Object".into()],
             value: serde_json::json!({"Text": "café", "Int": 42, "Big": 9007199254740993_u64, "Float": 1.5, "Bool": true, "Null": null,

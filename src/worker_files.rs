@@ -10,6 +10,7 @@ pub(crate) const HOST_SOURCES: &[(&str, &str)] = &[
     ("Executor.cs", include_str!("../scripts/worker/host/Executor.cs")),
     ("Host.cs", include_str!("../scripts/worker/host/Host.cs")),
     ("Inbox.cs", include_str!("../scripts/worker/host/Inbox.cs")),
+    ("Lanes.cs", include_str!("../scripts/worker/host/Lanes.cs")),
     ("Protocol.cs", include_str!("../scripts/worker/host/Protocol.cs")),
     ("Serializer.cs", include_str!("../scripts/worker/host/Serializer.cs")),
     ("Usings.cs", include_str!("../scripts/worker/host/Usings.cs")),

@@ -55,7 +55,7 @@ foreach ($line in [System.IO.File]::ReadAllLines($env:FIXTURE_INPUT)) {
     try {
         $request = [PsBridge.Inbox]::Parse([System.Text.Encoding]::UTF8.GetBytes($line))
         $body = $request.Body
-        $got = [ordered]@{ t = $request.Type; id = $request.Id }
+        $got = [ordered]@{ t = $request.Type; id = $request.Id; runspace = $request.Runspace }
         if ($request.Type -eq 'setup') {
             $got.modules = @(foreach ($m in $body.GetProperty('modules').EnumerateArray()) { $m.GetRawText() })
             $got.variables = Parameters $body.GetProperty('variables')
@@ -162,8 +162,12 @@ fn the_worker_reads_every_owner_fixture_line_as_the_protocol_says() {
     let script = &got[2];
     assert_eq!(script["steps"][0]["script"], "param($Name) \"Hello, $Name\"");
     assert_eq!(script["steps"][0]["parameters"]["Name"]["value"], "world");
-    assert_eq!(got[3], json!({"t": "cancel", "id": 2}));
-    assert_eq!(got[4], json!({"t": "exit", "id": 0}), "exit has no id; the worker reads it as 0");
+    assert_eq!(script["runspace"], 0, "a request without runspace is for runspace 0");
+    assert_eq!((&got[3]["t"], &got[3]["runspace"], &got[3]["modules"]), (&json!("setup"), &json!(1), &json!([])));
+    assert_eq!((&got[4]["t"], &got[4]["id"], &got[4]["runspace"]), (&json!("invoke"), &json!(5), &json!(1)));
+    assert_eq!(got[4]["steps"][0]["command"], "Get-Date");
+    assert_eq!(got[5], json!({"t": "cancel", "id": 2, "runspace": 0}));
+    assert_eq!(got[6], json!({"t": "exit", "id": 0, "runspace": 0}), "exit has no id; the worker reads it as 0");
 
     // The depth limit: MAX_VALUE_DEPTH levels of a parameter value are read, one more is not.
     let deepest = &got[fixture_lines];

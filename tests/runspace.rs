@@ -720,7 +720,7 @@ async fn a_worker_of_another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ready = r#"{"t":"ready","protocol":999,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":1}"#;
     let error = psbridge::Runspace::builder().pwsh(fake_pwsh(dir.path(), ready)).open().await.unwrap_err();
-    assert!(matches!(error, Error::ProtocolMismatch { expected: 1, found: 999 }), "{error:?}");
+    assert!(matches!(error, Error::ProtocolMismatch { expected: 2, found: 999 }), "{error:?}");
     assert!(error.to_string().contains("same psbridge build"), "{error}");
 
     let error = psbridge::Runspace::builder().pwsh(fake_pwsh(dir.path(), "Welcome to some shell")).open().await.unwrap_err();
@@ -758,7 +758,7 @@ async fn a_worker_that_closes_its_stdout_but_lives_on_is_killed_after_the_stop_g
     let dir = tempfile::tempdir().unwrap();
     // A worker that answers the handshake and the set-up, then closes its stdout and lives on.
     let script = r#"#!/bin/sh
-echo '{"t":"ready","protocol":1,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":'$$'}'
+echo '{"t":"ready","protocol":2,"ps_version":"7.6.9","ps_edition":"Core","os":"x","pid":'$$'}'
 read setup
 echo '{"t":"done","id":1,"state":"Completed","had_errors":false,"duration_ms":1}'
 read invoke
@@ -793,4 +793,67 @@ async fn the_host_cache_keeps_other_powershell_versions_builds() {
     assert!(other_version.exists(), "another PowerShell version's build is kept: {builds:?}");
     assert!(!stale_same_version.exists() && !unversioned.exists(), "stale builds are removed: {builds:?}");
     assert_eq!(builds.iter().filter(|b| b.starts_with(&format!("PsBridgeHost-{version}-"))).count(), 1, "{builds:?}");
+}
+
+/// The worker puts /dev/null in place of its stdin. .NET's default for `File.Open` (FileShare.None) takes
+/// an exclusive flock, and /dev/null is one file for every process: workers starting at the same moment
+/// failed their handshake with "being used by another process". A shared lock held here, as another
+/// process opening /dev/null would hold one, must not stop a worker from starting.
+#[tokio::test]
+async fn a_worker_starts_while_another_process_holds_a_lock_on_dev_null() {
+    use nix::fcntl::{Flock, FlockArg};
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    let lock = Flock::lock(devnull, FlockArg::LockSharedNonblock).map_err(|(_, errno)| errno).unwrap();
+    let opened = common::plain().await;
+    drop(lock);
+    assert!(opened.pid() > 0);
+    opened.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn runspaces_of_one_process_run_at_once_and_each_cancels_alone() {
+    let mut runspaces = fake_worker::builder().open_many(3).await.unwrap();
+    let pid = runspaces[0].pid();
+    assert!(runspaces.iter().all(|rs| rs.pid() == pid), "one process");
+    assert_eq!(runspaces.iter().map(psbridge::Runspace::index).collect::<Vec<_>>(), [0, 1, 2]);
+    let cancel_middle = runspaces[1].cancel_handle();
+    let timed = Command::script("clock\nlane\nsleep 400\nclock");
+    let [a, b, c] = &mut runspaces[..] else { unreachable!() };
+    let long = Command::script("sleep 60000");
+    let (x, y, z, ()) = tokio::join!(a.invoke(&timed), b.invoke(&long), c.invoke(&timed), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(cancel_middle.cancel(), "runspace 1 was running");
+    });
+    let (x, z) = (x.unwrap(), z.unwrap());
+    assert!(matches!(y, Err(Error::Cancelled { worker_killed: false })), "{y:?}");
+    let clock = |r: &psbridge::InvocationResult, i: usize| r.output[i].value.as_f64().unwrap();
+    assert!(clock(&x, 0).max(clock(&z, 0)) < clock(&x, 2).min(clock(&z, 2)), "runspaces 0 and 2 overlapped: {x:?} {z:?}");
+    assert_eq!((x.output[1].value.clone(), z.output[1].value.clone()), (json!(0), json!(2)), "each request ran on the runspace it named");
+    // Closing one runspace leaves the process to the others; the last one ends it.
+    let last = runspaces.pop().unwrap();
+    for rs in runspaces {
+        rs.close().await.unwrap();
+    }
+    assert!(common::alive(pid), "two closed, one still open");
+    let mut last = last;
+    assert_eq!(last.invoke(&Command::script("lane")).await.unwrap().output[0].value, json!(2));
+    last.close().await.unwrap();
+    assert!(common::gone_within(pid, Duration::from_secs(10)).await);
+}
+
+#[tokio::test]
+async fn runspaces_of_one_pwsh_each_have_their_own_session_exit_and_exit_code() {
+    let mut runspaces = common::builder().open_many(2).await.unwrap();
+    let [a, b] = &mut runspaces[..] else { unreachable!() };
+    a.invoke(&Command::script("$global:mine = 'a'")).await.unwrap();
+    let first = Command::script("$s = [DateTime]::UtcNow.Ticks; Start-Sleep -Milliseconds 800; $s; [DateTime]::UtcNow.Ticks; $global:mine; exit 3");
+    let second = Command::script("$s = [DateTime]::UtcNow.Ticks; Start-Sleep -Milliseconds 800; $s; [DateTime]::UtcNow.Ticks; \"$global:mine\"; Write-Host hi");
+    let (x, y) = tokio::join!(a.invoke(&first), b.invoke(&second));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    let ticks = |r: &psbridge::InvocationResult, i: usize| r.output[i].value.as_i64().unwrap();
+    assert!(ticks(&x, 0).max(ticks(&y, 0)) < ticks(&x, 1).min(ticks(&y, 1)), "the two overlapped: {x:?} {y:?}");
+    assert_eq!((x.output[2].value.clone(), y.output[2].value.clone()), (json!("a"), json!("")), "sessions are apart");
+    assert_eq!((x.exit_code, y.exit_code), (Some(3), None), "exit belongs to the runspace that called it");
+    assert_eq!(y.information[0].message.as_deref(), Some("hi"), "host text goes to its own runspace's request");
+    assert!(x.information.is_empty());
 }

@@ -11,7 +11,8 @@
 #
 #   scripts/bench/serve.sh [CALLS]        (default 2000 measured calls, after CALLS/2 warm-up calls)
 #
-# Writes target/bench/serve.md (and serve.json) and prints it. Needs the README's set-up (pwsh).
+# Writes target/bench/serve.md (and serve.json) and scripts/bench/results/serve.md, and prints it. Needs
+# the README's set-up (pwsh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -93,12 +94,14 @@ server_p99=$(figure server p99_ms)
   echo
   echo "Local / server wall time: **$(ratio "$local_s" "$server_s")×** (the server's start-up, $server_start_s s, is paid once; the steps alone took $server_steps_s s)."
   echo
-  echo "| $calls sequential Get-Mailbox (after $((calls / 2)) warm-up each; 10 alternating blocks) | p50 ms | p99 ms |"
+  echo "| $calls sequential Get-Mailbox (after $((calls / 2)) warm-up each; 20 alternating blocks) | p50 ms | p99 ms |"
   echo "|---|---|---|"
   echo "| in-process RunspacePool (1 worker) | $pool_p50 | $pool_p99 |"
   echo "| server: POST /v1/profiles/simulated/invoke (keep-alive, unix socket) | $server_p50 | $server_p99 |"
   echo
-  echo "Server / in-process latency: p50 **$(ratio "$server_p50" "$pool_p50")×**, p99 **$(ratio "$server_p99" "$pool_p99")×** (the server adds $(awk -v a="$server_p50" -v b="$pool_p50" 'BEGIN { printf "%.2f", a - b }') ms at the median: HTTP over the socket, JSON both ways)."
+  echo "Server / in-process latency: p50 **$(ratio "$server_p50" "$pool_p50")×**, p99 **$(ratio "$server_p99" "$pool_p99")×** (server minus in-process at the median: $(awk -v a="$server_p50" -v b="$pool_p50" 'BEGIN { printf "%+.2f", a - b }') ms; the server adds HTTP over the socket and JSON both ways)."
 } | tee "$out/../serve.md"
 cp "$out/latency.json" "$out/../serve.json"
+# the repository keeps the last run's report
+cp "$out/../serve.md" "$root/scripts/bench/results/serve.md"
 rm -rf "$out/tmp"

@@ -104,10 +104,12 @@ function Remove-StaleHostBuild {
 }
 
 function Invoke-RequestLoop {
-    # Requests run one at a time; cancel and exit are handled by the host's inbox thread meanwhile.
-    while ($null -ne ($request = [PsBridge.Inbox]::Take())) {
-        [PsBridge.Executor]::Handle($request)
-    }
+    <#
+        Runspace 0 runs its requests on this thread, one at a time; further runspaces (the owner's
+        runspaces_per_worker) run theirs on threads of their own. Cancel and exit are handled by the
+        host's inbox thread meanwhile. Returns once every runspace has finished after exit.
+    #>
+    [PsBridge.Lanes]::Run()
 }
 
 Clear-WorkerOnlySetting
@@ -120,6 +122,6 @@ try {
     Invoke-RequestLoop
 }
 finally {
-    [PsBridge.Executor]::Close()
+    [PsBridge.Lanes]::Close()
 }
 exit 0

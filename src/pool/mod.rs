@@ -3,10 +3,13 @@
 //! Microsoft's Sample 2 opens a RunspacePool of three runspaces in one process, connects each and runs
 //! cmdlets with BeginInvoke/EndInvoke. ExchangeOnlineManagement's connections are process-wide while its
 //! tmpEXO_ cmdlets exist only in the runspace that connected, and memory grows by about 200 MB per
-//! connect; here every worker is a process of its own, and the pool also replaces dead workers, recycles
-//! old ones, replaces workers whose credentials expired with freshly connected ones, retries what its
-//! classifier calls throttling and keeps commands on the same object in order.
+//! connect; here every worker is a process of its own hosting one runspace, or
+//! [`runspaces_per_worker`](PoolBuilder::runspaces_per_worker) runspaces each connected on its own (as
+//! Sample 2). The pool also replaces dead workers, recycles old ones, replaces workers whose credentials
+//! expired with freshly connected ones, retries what its classifier calls throttling (and, when asked,
+//! runs fewer commands at once while it is throttled) and keeps commands on the same object in order.
 
+mod limiter;
 mod queue;
 mod stats;
 mod worker;
@@ -25,20 +28,25 @@ use crate::records::{Completion, InvocationResult, StreamItem};
 use crate::retry::{Classifier, Generic, RetryPolicy};
 use crate::runspace::{CancelHandle, Runspace, RunspaceBuilder};
 use queue::{Job, OnStart, Queue, Reply, Streamed};
-pub use stats::{Counters, Percentiles, PoolStats, WorkerState, WorkerStats};
+use limiter::Limiter;
+pub use stats::{Counters, Percentiles, PoolStats, ProcessStats, WorkerState, WorkerStats};
 use stats::Timings;
 
 /// When a worker is replaced by a fresh one even though it is healthy.
 ///
 /// Long-lived PowerShell processes grow (ExchangeOnlineManagement adds about 200 MB per connect and
-/// does not give it back), so replacing workers now and then keeps a long job's memory flat.
+/// does not give it back), so replacing workers now and then keeps a long job's memory flat. A worker
+/// is always replaced whole, all its runspaces with it: once its runspaces have finished what they run
+/// and take nothing new, a fresh process with freshly connected runspaces takes its place.
 #[derive(Debug, Clone, Default)]
 pub struct RecyclePolicy {
-    /// After this many commands. Default: never.
+    /// After this many commands of one runspace (with several runspaces per worker, the first runspace
+    /// to reach it recycles the process). Default: never.
     pub max_commands: Option<u64>,
-    /// After this long. Default: never.
+    /// After the process has been open this long. Default: never.
     pub max_age: Option<Duration>,
-    /// When the worker's resident memory passes this many bytes (read from /proc on Linux). Default: never.
+    /// When the worker process's resident memory passes this many bytes (read from /proc on Linux).
+    /// Default: never.
     pub max_resident_bytes: Option<u64>,
 }
 
@@ -72,18 +80,73 @@ pub struct PoolBuilder {
     restart_backoff: (Duration, Duration),
     rate_limit: Option<f64>,
     shutdown_grace: Duration,
+    runspaces_per_worker: usize,
+    adaptive_concurrency: bool,
 }
 
 impl PoolBuilder {
-    /// Fewest workers, started by [`build`](Self::build) and kept. Default: 1.
+    /// How many runspaces each worker process hosts, each set up and connected on its own (as
+    /// Microsoft's Sample 2 connects each runspace of its pool), each running one command at a time: a
+    /// worker runs up to this many commands at once, and the pool up to `max_workers` times this many.
+    /// Default: 1 (at most 64).
+    ///
+    /// Several runspaces per process pay when the CPU is the limit (two cores running three pwsh
+    /// processes JIT-compile and collect the same code three times; three runspaces in one process do it
+    /// once) and start faster (one process start instead of several). They cost: a crash, a kill or a
+    /// command that will not stop takes every runspace of the process down (their commands fail, or run
+    /// again elsewhere when idempotent, as on any crash), recycling replaces the whole process, one slow
+    /// stream consumer holds up its siblings' output, and every runspace's connect costs memory in the
+    /// shared process (about 200 MB per Exchange Online connect).
+    ///
+    /// ```no_run
+    /// # async fn demo(workers: psbridge::RunspaceBuilder) -> psbridge::Result<()> {
+    /// // One process, three connected runspaces: three commands at once.
+    /// let pool = psbridge::RunspacePool::builder(workers).min_workers(1).max_workers(1).runspaces_per_worker(3).build().await?;
+    /// assert_eq!(pool.stats().workers.len(), 3);
+    /// # Ok(()) }
+    /// ```
+    pub fn runspaces_per_worker(mut self, runspaces: usize) -> Self {
+        self.runspaces_per_worker = runspaces.clamp(1, crate::runspace::MAX_RUNSPACES_PER_WORKER);
+        self
+    }
+
+    /// Lets the number of commands running at once adapt to throttling, in the manner of TCP's AIMD: it
+    /// starts at the pool's capacity (`max_workers` x `runspaces_per_worker`), is cut to three quarters
+    /// when a command comes back throttled (the [`classifier`](Self::classifier) says
+    /// [`Failure::Throttled`]), once per congestion event (throttles of commands begun before the last
+    /// cut, or met while its Retry-After runs, do not cut again), and grows by one after 32 unthrottled
+    /// commands in a row; never below 1 nor above the capacity. While the Retry-After of the last cut
+    /// runs, no new command starts: the service asked the tenant to wait. A throttled command waiting
+    /// for its retry does not count as running. [`PoolStats::concurrency_limit`] shows the current
+    /// limit. Default: off (always the capacity, and a Retry-After delays only its own command).
+    ///
+    /// A pool that pushes a fixed concurrency into a service's throttling spends the tenant's budget on
+    /// rejected calls and retries; an adaptive one runs about as many commands at once as the budget
+    /// admits.
+    ///
+    /// [`Failure::Throttled`]: crate::retry::Failure::Throttled
+    ///
+    /// ```no_run
+    /// # async fn demo(workers: psbridge::RunspaceBuilder) -> psbridge::Result<()> {
+    /// use psbridge::{RunspacePool, exo};
+    /// let pool = RunspacePool::builder(workers).max_workers(8).classifier(exo::ExchangeOnline).adaptive_concurrency(true).build().await?;
+    /// println!("running at most {} at once", pool.stats().concurrency_limit);
+    /// # Ok(()) }
+    /// ```
+    pub fn adaptive_concurrency(mut self, adaptive: bool) -> Self {
+        self.adaptive_concurrency = adaptive;
+        self
+    }
+
+    /// Fewest worker processes, started by [`build`](Self::build) and kept. Default: 1.
     pub fn min_workers(mut self, n: usize) -> Self {
         self.min_workers = n.max(1);
         self.max_workers = self.max_workers.max(self.min_workers);
         self
     }
 
-    /// Most workers; the pool grows to this under load and shrinks back when idle. Default: the number of
-    /// CPUs, at least `min_workers`.
+    /// Most worker processes; the pool grows to this under load and shrinks back when idle. Default: the
+    /// number of CPUs, at least `min_workers`.
     pub fn max_workers(mut self, n: usize) -> Self {
         self.max_workers = n.max(1);
         self.min_workers = self.min_workers.min(self.max_workers);
@@ -180,25 +243,30 @@ impl PoolBuilder {
         self
     }
 
-    /// Opens `min_workers` workers in parallel.
+    /// Opens `min_workers` workers (each with its runspaces) in parallel.
     ///
     /// # Errors
     /// [`Error::PoolOpen`] with every worker's failure when any of them could not open; the others are
     /// closed again.
     pub async fn build(self) -> Result<RunspacePool> {
         let wanted = self.min_workers;
-        let opened = futures_util::future::join_all((0..wanted).map(|_| self.runspace.clone().open())).await;
-        let (runspaces, failures): (Vec<_>, Vec<_>) = opened.into_iter().partition(Result::is_ok);
+        let lanes = self.runspaces_per_worker;
+        let opened = futures_util::future::join_all((0..wanted).map(|_| self.runspace.clone().open_many(lanes))).await;
+        let (processes, failures): (Vec<_>, Vec<_>) = opened.into_iter().partition(Result::is_ok);
         if !failures.is_empty() {
-            for runspace in runspaces.into_iter().flatten() {
-                let _ = runspace.close().await;
+            for process in processes.into_iter().flatten() {
+                for closed in futures_util::future::join_all(process.into_iter().map(Runspace::close)).await {
+                    let _ = closed;
+                }
             }
             return Err(Error::PoolOpen { wanted, failures: failures.into_iter().filter_map(Result::err).collect() });
         }
+        let work = Arc::new(Notify::new());
         let shared = Arc::new(PoolShared {
             slots: Arc::new(Semaphore::new(self.queue_capacity)),
             queue: Mutex::new(Queue::default()),
-            work: Notify::new(),
+            limiter: Limiter::new(self.max_workers * lanes, self.adaptive_concurrency, work.clone()),
+            work,
             closed: AtomicBool::new(false),
             broken: Mutex::new(None),
             live: AtomicUsize::new(0),
@@ -210,9 +278,9 @@ impl PoolBuilder {
             next_start: Mutex::new(Instant::now()),
             config: self,
         });
-        for runspace in runspaces.into_iter().flatten() {
+        for process in processes.into_iter().flatten() {
             shared.live.fetch_add(1, Ordering::SeqCst);
-            shared.spawn_worker(Some(runspace));
+            shared.spawn_worker(Some(process));
         }
         Ok(RunspacePool { _owner: Arc::new(Owner(shared.clone())), shared })
     }
@@ -222,21 +290,24 @@ impl PoolBuilder {
 struct PoolShared {
     config: PoolBuilder,
     queue: Mutex<Queue>,
-    /// Woken when a job arrives, a key is released, or the pool closes.
-    work: Notify,
+    /// Woken when a job arrives, a key is released, a permit is given back, the limit grows, or the
+    /// pool closes.
+    work: Arc<Notify>,
+    /// How many commands may run at once.
+    limiter: Arc<Limiter>,
     /// Room in the queue.
     slots: Arc<Semaphore>,
     closed: AtomicBool,
     /// Set when workers could not be started or connected `connect_attempts` times in a row: what every
     /// command fails with from then on.
     broken: Mutex<Option<(u32, Arc<Error>)>>,
-    /// Worker slots alive (starting, idle, busy or recycling).
+    /// Worker process slots alive (starting, idle, busy or recycling).
     live: AtomicUsize,
-    /// The id the next worker slot gets.
+    /// The id the next worker process slot gets (its runspaces are numbered from `id x runspaces`).
     next_slot_id: AtomicUsize,
-    /// Worker slots waiting for a job.
+    /// Runspaces waiting for a job.
     idle: AtomicUsize,
-    workers: Mutex<Vec<Arc<worker::Slot>>>,
+    workers: Mutex<Vec<Arc<worker::ProcessSlot>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     timings: Timings,
     /// For the rate limit: when the next command may start.
@@ -244,18 +315,20 @@ struct PoolShared {
 }
 
 impl PoolShared {
-    /// Starts a worker task for a slot already counted in `live`.
-    fn spawn_worker(self: &Arc<Self>, runspace: Option<Runspace>) {
+    /// Starts a worker task for a process slot already counted in `live`.
+    fn spawn_worker(self: &Arc<Self>, runspaces: Option<Vec<Runspace>>) {
+        let lanes = self.config.runspaces_per_worker;
         let slot = {
             let mut workers = lock(&self.workers);
             // Slots of workers that stopped are forgotten here, so that a long-lived pool that grows
             // and shrinks does not keep every slot it ever had.
             workers.retain(|slot| !slot.stopped());
-            let slot = Arc::new(worker::Slot::new(self.next_slot_id.fetch_add(1, Ordering::SeqCst), runspace.as_ref()));
+            let id = self.next_slot_id.fetch_add(1, Ordering::SeqCst);
+            let slot = Arc::new(worker::ProcessSlot::new(id, lanes, id * lanes, runspaces.as_deref()));
             workers.push(slot.clone());
             slot
         };
-        let task = tokio::spawn(worker::run(self.clone(), slot, runspace));
+        let task = tokio::spawn(worker::run(self.clone(), slot, runspaces));
         let mut tasks = lock(&self.tasks);
         tasks.retain(|task| !task.is_finished());
         tasks.push(task);
@@ -264,7 +337,9 @@ impl PoolShared {
     /// Starts another worker when every live one is busy and the pool may grow.
     fn grow_if_needed(self: &Arc<Self>) {
         let queued = lock(&self.queue).len();
-        if queued <= self.idle.load(Ordering::SeqCst) || self.closed.load(Ordering::SeqCst) || self.is_broken() {
+        // Another process would not help while the limiter holds the pool down.
+        let held = self.limiter.saturated();
+        if queued <= self.idle.load(Ordering::SeqCst) || held || self.closed.load(Ordering::SeqCst) || self.is_broken() {
             return;
         }
         // Counted and checked in one step: submits racing here can never pass max_workers.
@@ -326,7 +401,7 @@ impl PoolShared {
             self.slots.clone().try_acquire_owned().map_err(|_| Error::QueueFull { capacity: self.config.queue_capacity })?
         };
         let (started, started_rx) = oneshot::channel();
-        let job = Job { command, reply, enqueued: Instant::now(), started: Some(started), on_start, slot: Some(slot) };
+        let job = Job::new(command, reply, Some(started), on_start, Some(slot));
         lock(&self.queue).push(job);
         self.work.notify_waiters();
         self.grow_if_needed();
@@ -347,9 +422,11 @@ impl PoolShared {
 
 /// A pool of connected pwsh workers; clone it freely, every clone is the same pool.
 ///
-/// `invoke` is callable from many tasks at once; the pool runs up to `max_workers` commands in
-/// parallel, queues the rest first come, first served, and never runs two commands with the same
-/// [`key`](Command::key) at once.
+/// `invoke` is callable from many tasks at once; the pool runs up to `max_workers` x
+/// `runspaces_per_worker` commands in parallel (fewer while [adaptive
+/// concurrency](PoolBuilder::adaptive_concurrency) holds it down), queues the rest first come, first
+/// served, and never runs two commands with the same [`key`](Command::key) at once, on whichever
+/// runspaces.
 ///
 /// ```no_run
 /// # async fn demo(pool: psbridge::RunspacePool) -> psbridge::Result<()> {
@@ -411,6 +488,8 @@ impl RunspacePool {
             restart_backoff: (Duration::from_millis(500), Duration::from_secs(30)),
             rate_limit: None,
             shutdown_grace: Duration::from_secs(30),
+            runspaces_per_worker: 1,
+            adaptive_concurrency: false,
         }
     }
 
@@ -493,20 +572,35 @@ impl RunspacePool {
         Ok(PoolStream { items: rx, completion: None })
     }
 
-    /// Counters and latency percentiles of the pool and of each worker.
+    /// Counters and latency percentiles of the pool, of each worker process and of each runspace, and
+    /// the concurrency permitted now.
     pub fn stats(&self) -> PoolStats {
-        let workers: Vec<WorkerStats> = lock(&self.shared.workers).iter().map(|slot| slot.snapshot()).collect();
+        let slots: Vec<Arc<worker::ProcessSlot>> = lock(&self.shared.workers).clone();
+        let processes: Vec<ProcessStats> = slots.iter().map(|slot| slot.snapshot()).collect();
+        let mut workers: Vec<WorkerStats> = slots.iter().flat_map(|slot| slot.lanes().iter().map(|lane| lane.snapshot())).collect();
+        for worker in &mut workers {
+            worker.resident_bytes = processes.iter().find(|p| p.id == worker.process).and_then(|p| p.resident_bytes);
+        }
         let (queue_wait, latency) = self.shared.timings.snapshot();
         PoolStats {
             queued: lock(&self.shared.queue).len(),
-            counters: workers.iter().map(|w| w.counters).sum(),
+            running: self.shared.limiter.running(),
+            concurrency_limit: self.shared.limiter.limit(),
+            counters: workers.iter().map(|w| w.counters).chain(processes.iter().map(|p| p.counters)).sum(),
             queue_wait,
             latency,
             workers,
+            processes,
         }
     }
 
-    /// The PowerShell process ids of the live workers.
+    /// How many commands may run at once now, as in [`PoolStats::concurrency_limit`], without the rest
+    /// of the statistics (cheap enough to call after every command).
+    pub fn concurrency_limit(&self) -> usize {
+        self.shared.limiter.limit()
+    }
+
+    /// The PowerShell process ids of the live workers (one per process, however many runspaces it hosts).
     pub fn worker_pids(&self) -> Vec<u32> {
         lock(&self.shared.workers).iter().filter_map(|slot| slot.snapshot().pid).collect()
     }
@@ -527,7 +621,8 @@ impl RunspacePool {
         let grace = self.shared.config.shutdown_grace;
         if tokio::time::timeout(grace, self.wait_for_workers()).await.is_err() {
             tracing::warn!(?grace, "commands still running after the shutdown grace period: cancelling them");
-            let handles: Vec<CancelHandle> = lock(&self.shared.workers).iter().filter_map(|slot| slot.cancel_handle()).collect();
+            let handles: Vec<CancelHandle> =
+                lock(&self.shared.workers).iter().flat_map(|slot| slot.lanes().iter().filter_map(|lane| lane.cancel_handle())).collect();
             handles.iter().for_each(|h| {
                 h.cancel();
             });

@@ -59,6 +59,18 @@ pub(crate) struct Job {
     pub(crate) on_start: Option<OnStart>,
     /// A place in the bounded queue, given back when a worker takes the job.
     pub(crate) slot: Option<OwnedSemaphorePermit>,
+    /// The attempt the next run will be (from 1); a job given back after its worker died counts on.
+    pub(crate) attempt: u32,
+    /// When it first met expired credentials: it runs again once on a worker connected after that.
+    pub(crate) expired_at: Option<Instant>,
+    /// How long it waited for its first worker, once one took it.
+    pub(crate) queue_wait: Option<std::time::Duration>,
+}
+
+impl Job {
+    pub(crate) fn new(command: Command, reply: Reply, started: Option<oneshot::Sender<()>>, on_start: Option<OnStart>, slot: Option<OwnedSemaphorePermit>) -> Job {
+        Job { command, reply, enqueued: Instant::now(), started, on_start, slot, attempt: 1, expired_at: None, queue_wait: None }
+    }
 }
 
 /// A caller's hook run when a worker begins a job.
@@ -76,8 +88,9 @@ impl Queue {
         self.jobs.push_back(job);
     }
 
-    /// Gives back a job a worker took but could not begin: first in line again, its key free, so that it
-    /// still runs before later jobs of the same key.
+    /// Gives back a job a worker took but could not begin or must run again elsewhere (its worker died,
+    /// its credentials expired): first in line again, its key free, so that it still runs before later
+    /// jobs of the same key.
     pub(crate) fn give_back(&mut self, job: Job) {
         self.release(job.command.key_str());
         self.jobs.push_front(job);
@@ -131,7 +144,7 @@ mod tests {
         if let Some(key) = key {
             command = command.key(key);
         }
-        (Job { command, reply: Reply::Collect(tx), enqueued: Instant::now(), started: None, on_start: None, slot: None }, rx)
+        (Job::new(command, Reply::Collect(tx), None, None, None), rx)
     }
 
     fn names(queue: &mut Queue) -> Vec<String> {

@@ -21,22 +21,25 @@ pub struct Percentiles {
     pub max: Duration,
 }
 
-/// What a worker slot is doing.
+/// What a runspace of the pool is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerState {
-    /// Opening (or reopening) its runspace.
+    /// Its worker process is opening (or reopening).
     Starting,
     /// Waiting for a command.
     Idle,
     /// Running a command.
     Busy,
-    /// Closing an old runspace to open a fresh one.
+    /// Its worker process is being closed to open a fresh one.
     Recycling,
     /// Gone (retired when idle, or the pool is closed).
     Stopped,
 }
 
-/// What happened on a worker slot, or on the whole pool.
+/// What happened on a runspace, a worker process, or the whole pool.
+///
+/// Commands, failures and retries are counted by the runspace that ran them; restarts, recycles and
+/// reconnects by the worker process they replaced (every runspace of a process goes with it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Commands finished, whatever their outcome.
@@ -47,9 +50,9 @@ pub struct Counters {
     pub retries: u64,
     /// Of those, the ones repeated because the classifier called the failure throttling.
     pub throttled: u64,
-    /// Runspaces replaced after they died.
+    /// Worker processes replaced after they died.
     pub restarts: u64,
-    /// Runspaces replaced by the recycling policy.
+    /// Worker processes replaced by the recycling policy.
     pub recycles: u64,
     /// Workers replaced by freshly connected ones because their credentials expired (or were about to)
     /// or their health check failed.
@@ -70,20 +73,25 @@ impl std::iter::Sum for Counters {
     }
 }
 
-/// One worker's state and counters.
+/// One runspace's state and counters (a worker process hosts
+/// [`runspaces_per_worker`](crate::PoolBuilder::runspaces_per_worker) of them).
 #[derive(Debug, Clone)]
 pub struct WorkerStats {
-    /// The slot's number in the pool.
+    /// The runspace's number in the pool.
     pub id: usize,
+    /// The [`ProcessStats::id`] of the worker process it belongs to.
+    pub process: usize,
+    /// Which runspace of its process it is (0 up to `runspaces_per_worker - 1`).
+    pub runspace: usize,
     /// What it is doing.
     pub state: WorkerState,
     /// The PowerShell process id of its current runspace.
     pub pid: Option<u32>,
-    /// Resident memory of that process when last read (Linux), in bytes.
+    /// Resident memory of that process (shared by its runspaces) when last read (Linux), in bytes.
     pub resident_bytes: Option<u64>,
-    /// What happened on this slot.
+    /// Commands, failures and retries of this runspace.
     pub counters: Counters,
-    /// Commands run by the current runspace.
+    /// Commands run by the current runspace (what `RecyclePolicy::max_commands` counts).
     pub runspace_commands: u64,
     /// When the credentials the current runspace connected with expire, if its connector said (see
     /// [`Runspace::expires_at`](crate::Runspace::expires_at)).
@@ -93,9 +101,11 @@ pub struct WorkerStats {
 }
 
 impl WorkerStats {
-    pub(crate) fn new(id: usize) -> Self {
+    pub(crate) fn new(id: usize, process: usize, runspace: usize) -> Self {
         WorkerStats {
             id,
+            process,
+            runspace,
             state: WorkerState::Starting,
             pid: None,
             resident_bytes: None,
@@ -112,14 +122,49 @@ impl WorkerStats {
     }
 }
 
+/// One worker process of the pool: what its runspaces share.
+#[derive(Debug, Clone)]
+pub struct ProcessStats {
+    /// The process slot's number in the pool.
+    pub id: usize,
+    /// The PowerShell process id, while one is open.
+    pub pid: Option<u32>,
+    /// Its resident memory when last read (Linux), in bytes.
+    pub resident_bytes: Option<u64>,
+    /// How many runspaces it hosts.
+    pub runspaces: usize,
+    /// Restarts, recycles and reconnects of this process slot.
+    pub counters: Counters,
+    /// When the current process was opened.
+    pub(crate) opened: Option<Instant>,
+}
+
+impl ProcessStats {
+    pub(crate) fn new(id: usize, runspaces: usize) -> Self {
+        ProcessStats { id, pid: None, resident_bytes: None, runspaces, counters: Counters::default(), opened: None }
+    }
+
+    /// How long the current process has been open.
+    pub fn age(&self) -> Option<Duration> {
+        self.opened.map(|t| t.elapsed())
+    }
+}
+
 /// A snapshot of the pool.
 #[derive(Debug, Clone)]
 pub struct PoolStats {
-    /// Every worker slot that is or was alive, stopped ones included.
+    /// Every runspace that is or was alive, stopped ones included.
     pub workers: Vec<WorkerStats>,
+    /// Every worker process slot that is or was alive, stopped ones included.
+    pub processes: Vec<ProcessStats>,
     /// Commands waiting for a worker.
     pub queued: usize,
-    /// The sum of the workers' counters.
+    /// Commands running now (a command waiting to retry after throttling is not running).
+    pub running: usize,
+    /// How many commands may run at once now: `max_workers x runspaces_per_worker`, or less while
+    /// [`adaptive_concurrency`](crate::PoolBuilder::adaptive_concurrency) holds it down after throttling.
+    pub concurrency_limit: usize,
+    /// The sum of the runspaces' and the processes' counters.
     pub counters: Counters,
     /// Time from submission until a worker took the command.
     pub queue_wait: Percentiles,

@@ -245,24 +245,63 @@ impl RunspaceBuilder {
     /// # Cancel safety
     /// Dropping the future kills the worker started so far; nothing is left running.
     pub async fn open(self) -> Result<Runspace> {
+        let mut runspaces = self.open_many(1).await?;
+        Ok(runspaces.pop().expect("open_many(1) opens one runspace"))
+    }
+
+    /// Starts one worker process hosting `count` runspaces (at least 1, at most 64), each set up and
+    /// connected on its own, as Microsoft's Sample 2 connects each runspace of its pool: every runspace
+    /// imports the modules, gets the session variables and runs the connect command (with credentials
+    /// read anew for each), in parallel. The runspaces run commands at the same time, each on a thread
+    /// of its own in the worker, and share the process: its memory, its JIT-compiled code, and its fate
+    /// (a crash or a kill ends them all). The last one closed or dropped ends the process.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> psbridge::Result<()> {
+    /// use psbridge::{Command, Runspace};
+    /// let mut runspaces = Runspace::builder().open_many(3).await?;
+    /// let (a, rest) = runspaces.split_first_mut().unwrap();
+    /// let (b, c) = rest.split_first_mut().unwrap();
+    /// let sleep = Command::script("Start-Sleep 1");
+    /// // About one second, not three: each runspace runs its command on a thread of its own.
+    /// let (x, y, z) = tokio::join!(a.invoke(&sleep), b.invoke(&sleep), c[0].invoke(&sleep));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`open`](Self::open); when any runspace fails to set up or connect, the process is killed and
+    /// the first failure returned.
+    pub async fn open_many(self, count: usize) -> Result<Vec<Runspace>> {
+        let count = count.clamp(1, MAX_RUNSPACES_PER_WORKER);
         // The credentials first: when they cannot be had (an expired token, a source that fails), no
         // process is started for nothing, and a pool's bounded attempts take milliseconds, not seconds.
-        let connection = match &self.settings.connect {
-            Some(connector) => Some(connector.connection().await.map_err(|source| Error::Credentials { source })?),
-            None => None,
-        };
+        let mut connections = Vec::with_capacity(count);
+        if let Some(connector) = &self.settings.connect {
+            for _ in 0..count {
+                connections.push(Some(connector.connection().await.map_err(|source| Error::Credentials { source })?));
+            }
+        } else {
+            connections.resize_with(count, || None);
+        }
         let pwsh = find_pwsh(self.settings.pwsh.as_deref())?;
         let spawn_error = |source| Error::Spawn { path: pwsh.clone(), source };
         let files = WorkerFiles::shared().map_err(spawn_error)?;
         let child = process::spawn(self.process_command(&pwsh, &files)).await.map_err(spawn_error)?;
-        let mut runspace = Runspace::start(child, files, &self.settings).await?;
-        runspace.setup(&self.settings).await?;
-        if let Some(connection) = connection {
-            runspace.connect(&connection.command, self.settings.connect_timeout).await?;
-            runspace.expires_at = connection.expires_at;
-        }
-        runspace.disconnect = self.settings.disconnect;
-        Ok(runspace)
+        let mut runspaces = Runspace::start(child, files, &self.settings, count).await?;
+        let settings = &self.settings;
+        let opened = futures_util::future::join_all(runspaces.iter_mut().zip(connections).map(|(runspace, connection)| async move {
+            runspace.setup(settings).await?;
+            if let Some(connection) = connection {
+                runspace.connect(&connection.command, settings.connect_timeout).await?;
+                runspace.expires_at = connection.expires_at;
+            }
+            runspace.disconnect = settings.disconnect.clone();
+            Ok::<(), Error>(())
+        }))
+        .await;
+        // Dropping the runspaces (on the way out with an error) kills the process.
+        opened.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(runspaces)
     }
 
     fn process_command(&self, pwsh: &std::path::Path, files: &WorkerFiles) -> std::process::Command {
@@ -293,6 +332,9 @@ impl RunspaceBuilder {
         command
     }
 }
+
+/// The most runspaces one worker process hosts (the worker's `Lanes.MaxRunspaces`).
+pub(crate) const MAX_RUNSPACES_PER_WORKER: usize = 64;
 
 /// The .NET runtime setting psbridge turns off for its workers (see `process_command`).
 const TIERED_PGO: &str = "DOTNET_TieredPGO";

@@ -1,9 +1,10 @@
 //! The tasks that own the worker's pipes: one writes requests to its stdin, one reads its stdout and
 //! routes each message to the invocation it belongs to (by request id; late messages of an abandoned
-//! request are dropped).
+//! request are dropped). A worker process hosts one or more runspaces (lanes); request ids are unique
+//! per process, so the id alone says which lane's invocation a message belongs to.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
 
 use futures_util::StreamExt;
 use tokio::process::ChildStdout;
@@ -36,17 +37,39 @@ pub(super) struct Running {
     pub(super) cancelled: Arc<Notify>,
 }
 
-/// State shared by the runspace, its reader task and its cancel handles.
-pub(super) struct Shared {
+/// One runspace (lane) of the worker process: the invocation its messages go to, and the one its cancel
+/// handles stop.
+#[derive(Default)]
+pub(super) struct Lane {
     pub(super) route: Mutex<Option<Route>>,
     pub(super) running: Mutex<Option<Running>>,
+}
+
+/// State shared by the runspaces of one worker process, its reader task and its cancel handles.
+pub(super) struct Shared {
+    pub(super) lanes: Vec<Lane>,
     pub(super) writer: mpsc::UnboundedSender<Zeroizing<Vec<u8>>>,
     pub(super) monitor: Arc<ProcessMonitor>,
     /// Why the reader stopped trusting the worker, if it did.
     pub(super) violation: Mutex<Option<String>>,
+    /// The next request id: unique in the process, whichever runspace sends it.
+    next_id: AtomicU64,
+    /// Runspaces of the process neither closed nor dropped; the last one ends the process.
+    open_lanes: AtomicUsize,
 }
 
 impl Shared {
+    pub(super) fn new(lanes: usize, writer: mpsc::UnboundedSender<Zeroizing<Vec<u8>>>, monitor: Arc<ProcessMonitor>) -> Shared {
+        Shared {
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            writer,
+            monitor,
+            violation: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            open_lanes: AtomicUsize::new(lanes),
+        }
+    }
+
     pub(super) fn send(&self, frame: Zeroizing<Vec<u8>>) {
         // A closed writer means the worker is gone; the caller learns that from the event channel.
         let _ = self.writer.send(frame);
@@ -54,6 +77,20 @@ impl Shared {
 
     pub(super) fn cancel(&self, id: u64) {
         self.send(protocol::control("cancel", Some(id)));
+    }
+
+    pub(super) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// A runspace is closed or dropped: true when it was the process's last one.
+    pub(super) fn release_lane(&self) -> bool {
+        self.open_lanes.fetch_sub(1, Ordering::SeqCst) == 1
+    }
+
+    /// The ids of the invocations every lane is routing to right now.
+    fn current_ids(&self) -> Vec<u64> {
+        self.lanes.iter().filter_map(|lane| lock(&lane.route).as_ref().map(|r| r.id)).collect()
     }
 }
 
@@ -75,14 +112,14 @@ pub(super) async fn read_messages(mut lines: FramedRead<ChildStdout, BoundedLine
             Ok(Line::Text(line)) => protocol::decode(&line),
             Ok(Line::TooLong) => {
                 // The codec skipped to the next newline, so the stream stays in step: fail the current
-                // invocation only.
-                let error = Error::ProtocolViolation(
-                    "a message from the worker was longer than max_line_length; raise RunspaceBuilder::max_line_length \
-                     or select fewer properties"
-                        .into(),
-                );
-                let current = lock(&shared.route).as_ref().map(|r| r.id);
-                if let Some(id) = current {
+                // invocations only (with several runspaces in the process, the skipped line could have
+                // been any running one's, so every running one fails).
+                for id in shared.current_ids() {
+                    let error = Error::ProtocolViolation(
+                        "a message from the worker was longer than max_line_length; raise RunspaceBuilder::max_line_length \
+                         or select fewer properties"
+                            .into(),
+                    );
                     deliver(&shared, id, Err(error)).await;
                     shared.cancel(id);
                 }
@@ -99,14 +136,16 @@ pub(super) async fn read_messages(mut lines: FramedRead<ChildStdout, BoundedLine
             Ok(Message::Item(id, item)) => deliver(&shared, id, Ok(Event::Item(item))).await,
             Ok(Message::Done(id, completion)) => {
                 deliver(&shared, id, Ok(Event::Done(completion))).await;
-                let mut route = lock(&shared.route);
-                if route.as_ref().is_some_and(|r| r.id == id) {
-                    *route = None;
+                for lane in &shared.lanes {
+                    let mut route = lock(&lane.route);
+                    if route.as_ref().is_some_and(|r| r.id == id) {
+                        *route = None;
+                    }
                 }
             }
             Ok(Message::Fatal(id, message)) => {
-                let current = lock(&shared.route).as_ref().map(|r| r.id);
-                if let Some(current) = current.filter(|c| id.is_none_or(|id| id == *c)) {
+                // Without an id the worker could not tell whose request it was: every running one fails.
+                for current in shared.current_ids().into_iter().filter(|c| id.is_none_or(|id| id == *c)) {
                     deliver(&shared, current, Err(Error::ProtocolViolation(format!("the worker could not read a request: {message}")))).await;
                 }
             }
@@ -124,12 +163,14 @@ pub(super) async fn read_messages(mut lines: FramedRead<ChildStdout, BoundedLine
             }
         }
     }
-    // Dropping the route's sender ends the current invocation's channel.
-    lock(&shared.route).take();
+    // Dropping the routes' senders ends the current invocations' channels.
+    for lane in &shared.lanes {
+        lock(&lane.route).take();
+    }
 }
 
 pub(super) async fn deliver(shared: &Shared, id: u64, event: Result<Event>) {
-    let events = lock(&shared.route).as_ref().filter(|r| r.id == id).map(|r| r.events.clone());
+    let events = shared.lanes.iter().find_map(|lane| lock(&lane.route).as_ref().filter(|r| r.id == id).map(|r| r.events.clone()));
     if let Some(events) = events {
         // A closed channel means the caller dropped the invocation; its Drop already sent a cancel.
         let _ = events.send(event).await;

@@ -28,21 +28,22 @@ use crate::records::{Completion, InvocationResult, PipelineState, StreamItem};
 #[derive(Clone)]
 pub struct CancelHandle {
     pub(super) shared: Arc<Shared>,
+    pub(super) lane: usize,
 }
 
 impl std::fmt::Debug for CancelHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CancelHandle").field("pid", &self.shared.monitor.pid()).finish()
+        f.debug_struct("CancelHandle").field("pid", &self.shared.monitor.pid()).field("runspace", &self.lane).finish()
     }
 }
 
 impl CancelHandle {
-    /// Asks the worker to stop the running command. Returns whether a command was running.
+    /// Asks the worker to stop the command its runspace is running. Returns whether a command was running.
     ///
     /// The invocation then ends with [`Error::Cancelled`]; if the command does not stop within the stop
     /// grace period, the worker is killed.
     pub fn cancel(&self) -> bool {
-        let running = lock(&self.shared.running);
+        let running = lock(&self.shared.lanes[self.lane].running);
         match running.as_ref() {
             Some(running) => {
                 self.shared.cancel(running.id);
@@ -132,7 +133,7 @@ impl Invocation<'_> {
             Some(Ok(Event::Item(item))) => Ok(Some(item)),
             Some(Ok(Event::Done(completion))) => {
                 self.completion = Some(completion);
-                *lock(&self.runspace.shared.running) = None;
+                *lock(&self.runspace.lane().running) = None;
                 match (self.stopping, completion.state) {
                     (Some((StopCause::Timeout(after), _)), PipelineState::Stopped) => {
                         Err(self.timeout(after, false))
@@ -178,7 +179,7 @@ impl Drop for Invocation<'_> {
             // The caller went away mid-command: stop it so the worker is free for the next one.
             self.runspace.shared.cancel(self.id);
         }
-        let mut running = lock(&self.runspace.shared.running);
+        let mut running = lock(&self.runspace.lane().running);
         if running.as_ref().is_some_and(|r| r.id == self.id) {
             *running = None;
         }

@@ -28,9 +28,10 @@ use crate::process::ProcessMonitor;
 use crate::protocol::{self, Message, PROTOCOL_VERSION, WorkerInfo};
 use crate::records::{ErrorRecord, InvocationResult};
 use crate::worker_files::WorkerFiles;
+pub(crate) use builder::MAX_RUNSPACES_PER_WORKER;
 pub use builder::RunspaceBuilder;
 use builder::Settings;
-use channel::{Route, Running, Shared, read_messages, write_frames};
+use channel::{Lane, Route, Running, Shared, read_messages, write_frames};
 pub use invocation::{CancelHandle, Invocation};
 use invocation::collect;
 
@@ -43,11 +44,13 @@ struct Limits {
     stream_buffer: usize,
 }
 
-/// One long-lived `pwsh` process with an open, connected PowerShell session.
+/// An open, connected PowerShell session in a long-lived `pwsh` worker process.
 ///
-/// Commands run one at a time (`invoke` takes `&mut self`); for parallel work use several runspaces.
-/// The worker keeps its session (imported modules, variables, the Exchange connection) between commands.
-/// Dropping a runspace kills its worker; [`close`](Self::close) ends it gracefully.
+/// Commands run one at a time (`invoke` takes `&mut self`); for parallel work use several runspaces,
+/// each in a process of its own ([`RunspaceBuilder::open`]) or several in one process
+/// ([`RunspaceBuilder::open_many`]). The worker keeps the session (imported modules, variables, the
+/// Exchange connection) between commands. Dropping the last runspace of a process kills it;
+/// [`close`](Self::close) ends it gracefully.
 ///
 /// ```no_run
 /// # async fn demo() -> psbridge::Result<()> {
@@ -62,7 +65,10 @@ pub struct Runspace {
     info: WorkerInfo,
     shared: Arc<Shared>,
     limits: Limits,
-    next_id: u64,
+    /// Which runspace of its process this is.
+    lane: usize,
+    /// Whether `close` already gave up this runspace's share of the process.
+    released: bool,
     expires_at: Option<SystemTime>,
     disconnect: Option<Command>,
     _files: Arc<WorkerFiles>,
@@ -70,7 +76,7 @@ pub struct Runspace {
 
 impl std::fmt::Debug for Runspace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runspace").field("pid", &self.info.pid).field("ps_version", &self.info.ps_version).finish()
+        f.debug_struct("Runspace").field("pid", &self.info.pid).field("index", &self.lane).field("ps_version", &self.info.ps_version).finish()
     }
 }
 
@@ -93,6 +99,20 @@ impl Runspace {
         self.info.pid
     }
 
+    /// Which runspace of its worker process this is: 0 for the first (and for a runspace opened with
+    /// [`RunspaceBuilder::open`]), up to `count - 1` for [`RunspaceBuilder::open_many`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> psbridge::Result<()> {
+    /// let runspaces = psbridge::Runspace::builder().open_many(2).await?;
+    /// assert_eq!(runspaces[1].index(), 1);
+    /// assert_eq!(runspaces[0].pid(), runspaces[1].pid());
+    /// # Ok(()) }
+    /// ```
+    pub fn index(&self) -> usize {
+        self.lane
+    }
+
     /// When the credentials this worker connected with expire, if its [`Connector`] said.
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.expires_at
@@ -105,7 +125,11 @@ impl Runspace {
 
     /// A handle that stops whatever command this runspace is running, from any task.
     pub fn cancel_handle(&self) -> CancelHandle {
-        CancelHandle { shared: self.shared.clone() }
+        CancelHandle { shared: self.shared.clone(), lane: self.lane }
+    }
+
+    fn lane(&self) -> &Lane {
+        &self.shared.lanes[self.lane]
     }
 
     /// Runs a command and collects everything it produces.
@@ -143,27 +167,34 @@ impl Runspace {
     pub fn invoke_stream(&mut self, command: &Command) -> Result<Invocation<'_>> {
         command.validate()?;
         let timeout = command.timeout.or(self.limits.command_timeout);
-        let request = |id| protocol::encode(&protocol::Invoke { id, command });
+        let runspace = self.lane;
+        let request = |id| protocol::encode(&protocol::Invoke { id, runspace, command });
         self.begin(request, timeout, command.name())
     }
 
-    /// Runs the disconnect command (if one was configured), asks the worker to exit and waits for it.
+    /// Runs the disconnect command (if one was configured); for the last open runspace of its process,
+    /// then asks the worker to exit and waits for it.
     ///
     /// Returns the disconnect command's result. The worker is ended even when disconnecting fails; it is
-    /// killed if it has not exited within the shutdown grace period.
+    /// killed if it has not exited within the shutdown grace period. A runspace of a process with other
+    /// open runspaces leaves the process running for them.
     pub async fn close(mut self) -> Result<Option<InvocationResult>> {
         let disconnected = match self.disconnect.take() {
             Some(command) if self.exit_status().is_none() => Some(self.invoke(&command).await),
             _ => None,
         };
-        self.shared.send(protocol::control("exit", None));
-        let grace = self.limits.shutdown_grace;
-        self.shared.monitor.wait_or_kill(grace, "did not exit within the shutdown grace period").await;
+        self.released = true;
+        if self.shared.release_lane() {
+            self.shared.send(protocol::control("exit", None));
+            let grace = self.limits.shutdown_grace;
+            self.shared.monitor.wait_or_kill(grace, "did not exit within the shutdown grace period").await;
+        }
         disconnected.transpose()
     }
 
-    /// Spawned process to ready worker: the handshake.
-    async fn start(mut child: tokio::process::Child, files: Arc<WorkerFiles>, config: &Settings) -> Result<Runspace> {
+    /// Spawned process to ready worker: the handshake. Returns the process's `lanes` runspaces, not yet
+    /// set up.
+    async fn start(mut child: tokio::process::Child, files: Arc<WorkerFiles>, config: &Settings, lanes: usize) -> Result<Vec<Runspace>> {
         let stdout = child.stdout.take().expect("stdout is piped");
         let stdin = child.stdin.take().expect("stdin is piped");
         let monitor = ProcessMonitor::start(child, config.stderr_tail_lines);
@@ -193,13 +224,7 @@ impl Runspace {
         }
         tracing::debug!(pid = info.pid, ps_version = %info.ps_version, os = %info.os, "worker ready");
         let (writer, frames) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
-            route: Mutex::new(None),
-            running: Mutex::new(None),
-            writer,
-            monitor: monitor.clone(),
-            violation: Mutex::new(None),
-        });
+        let shared = Arc::new(Shared::new(lanes, writer, monitor.clone()));
         tokio::spawn(write_frames(stdin, frames));
         tokio::spawn(read_messages(lines, shared.clone()).instrument(tracing::debug_span!("worker", pid = info.pid)));
         guard.disarm();
@@ -209,13 +234,25 @@ impl Runspace {
             shutdown_grace: config.shutdown_grace,
             stream_buffer: config.stream_buffer,
         };
-        Ok(Runspace { info, shared, limits, next_id: 1, expires_at: None, disconnect: None, _files: files })
+        let runspace = |lane| Runspace {
+            info: info.clone(),
+            shared: shared.clone(),
+            limits: limits.clone(),
+            lane,
+            released: false,
+            expires_at: None,
+            disconnect: None,
+            _files: files.clone(),
+        };
+        Ok((0..lanes).map(runspace).collect())
     }
 
     async fn setup(&mut self, config: &Settings) -> Result<()> {
+        let runspace = self.lane;
         let setup = |id| {
             protocol::encode(&protocol::Setup {
                 id,
+                runspace,
                 modules: &config.modules,
                 execution_policy: config.execution_policy.as_deref(),
                 variables: &config.variables,
@@ -259,15 +296,14 @@ impl Runspace {
         if let Some(exit) = self.shared.monitor.exited() {
             return Err(self.dead_error(exit));
         }
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.shared.next_id();
         let (events, receiver) = mpsc::channel(self.limits.stream_buffer);
         let cancelled = Arc::new(Notify::new());
-        // Messages of an earlier, abandoned request are dropped by the reader from here on.
-        *lock(&self.shared.route) = Some(Route { id, events });
-        *lock(&self.shared.running) = Some(Running { id, cancelled: cancelled.clone() });
+        // Messages of this lane's earlier, abandoned request are dropped by the reader from here on.
+        *lock(&self.lane().route) = Some(Route { id, events });
+        *lock(&self.lane().running) = Some(Running { id, cancelled: cancelled.clone() });
         self.shared.send(request(id));
-        tracing::debug!(pid = self.info.pid, id, command = name, "invoke");
+        tracing::debug!(pid = self.info.pid, runspace = self.lane, id, command = name, "invoke");
         Ok(Invocation {
             id,
             name: name.to_owned(),
@@ -291,7 +327,7 @@ impl Runspace {
 
 impl Drop for Runspace {
     fn drop(&mut self) {
-        if self.shared.monitor.exited().is_none() {
+        if !self.released && self.shared.release_lane() && self.shared.monitor.exited().is_none() {
             self.shared.monitor.kill("runspace dropped without close()");
         }
     }

@@ -1,5 +1,6 @@
 //! Draws `target/bench/summary.svg` from `target/bench/summary.json` (written by `bench_report`): small-
-//! command latency, throughput, large-output rate and start-up per comparator, as grouped bars.
+//! command latency, throughput, large-output rate and start-up per comparator (psbridge's three-lane
+//! variants 1 x 3 and 2 x 2 among them), and the throttled batch, as grouped bars.
 //!
 //! ```sh
 //! bench_chart target/bench
@@ -11,7 +12,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde_json::Value;
 
-const COMPARATORS: [&str; 4] = ["in-process C#", "psbridge", "node-powershell", "one-shot pwsh"];
+const COMPARATORS: &[&str] = &["in-process C#", "psbridge", "psbridge 1×3", "psbridge 2×2", "node-powershell", "one-shot pwsh"];
 const COLORS: [RGBColor; 3] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44)];
 
 type Panel<'a> = DrawingArea<SVGBackend<'a>, Shift>;
@@ -19,6 +20,8 @@ type Failure = Box<dyn std::error::Error>;
 
 /// One panel: for each comparator a group of bars, one per (workload, figure) series.
 struct Bars<'s> {
+    /// The groups along the x axis.
+    groups: &'s [&'s str],
     title: &'s str,
     unit: &'s str,
     log: bool,
@@ -35,16 +38,17 @@ fn label(value: f64) -> String {
 }
 
 fn draw(panel: &Panel, records: &[Value], bars: &Bars) -> Result<(), Failure> {
-    let values: Vec<Vec<Option<f64>>> = COMPARATORS
+    let groups = bars.groups;
+    let values: Vec<Vec<Option<f64>>> = groups
         .iter()
         .map(|c| bars.series.iter().map(|(_, workload, name)| figure(records, c, workload, name)).collect())
         .collect();
     let max = values.iter().flatten().flatten().fold(1.0f64, |m, &v| m.max(v));
     let mut builder = ChartBuilder::on(panel);
     builder.caption(bars.title, ("sans-serif", 18)).margin(12).x_label_area_size(28).y_label_area_size(64);
-    let x_range = -0.5f64..COMPARATORS.len() as f64 - 0.5;
+    let x_range = -0.5f64..groups.len() as f64 - 0.5;
     let name = |x: &f64| {
-        COMPARATORS
+        groups
             .get(x.round() as usize)
             .filter(|_| (x - x.round()).abs() < 1e-6)
             .map_or(String::new(), |c| c.to_string())
@@ -59,7 +63,7 @@ fn draw(panel: &Panel, records: &[Value], bars: &Bars) -> Result<(), Failure> {
             chart
                 .configure_mesh()
                 .disable_x_mesh()
-                .x_labels(COMPARATORS.len())
+                .x_labels(groups.len())
                 .x_label_formatter(&name)
                 .y_label_formatter(&y_label)
                 .y_desc(bars.unit)
@@ -106,21 +110,23 @@ fn main() -> Result<(), Failure> {
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json"))?)?;
     let records = summary["records"].as_array().ok_or("summary.json has no records")?;
     let path = dir.join("summary.svg");
-    let root = SVGBackend::new(&path, (1400, 900)).into_drawing_area();
+    let root = SVGBackend::new(&path, (2100, 900)).into_drawing_area();
     root.fill(&WHITE)?;
     let kind = if summary["quick"] == true { "quick run" } else { "full run" };
     let title =
         format!("psbridge against the alternatives ({kind}, {})", summary["machine"]["date"].as_str().unwrap_or("?"));
     let root = root.titled(&title, ("sans-serif", 24))?;
-    let panels = root.split_evenly((2, 2));
+    let panels = root.split_evenly((2, 3));
     let charts = [
         Bars {
+            groups: COMPARATORS,
             title: "Small command latency, sequential (ms, log scale; lower is better)",
             unit: "ms",
             log: true,
             series: &[("p50", "small", "p50_ms"), ("p90", "small", "p90_ms"), ("p99", "small", "p99_ms")],
         },
         Bars {
+            groups: COMPARATORS,
             title: "Throughput (commands/s, log scale; higher is better)",
             unit: "commands/s",
             log: true,
@@ -131,16 +137,32 @@ fn main() -> Result<(), Failure> {
             ],
         },
         Bars {
+            groups: COMPARATORS,
             title: "Large output: Get-Mailbox -ResultSize Unlimited (objects/s; higher is better)",
             unit: "objects/s",
             log: false,
             series: &[("objects/s", "large", "per_s")],
         },
         Bars {
+            groups: COMPARATORS,
             title: "Start-up to connected worker(s) (ms, log scale; lower is better)",
             unit: "ms",
             log: true,
             series: &[("one worker", "start-up", "ms"), ("three workers", "start-up-x3", "ms")],
+        },
+        Bars {
+            groups: &["psbridge"],
+            title: "Throttled batch, 100 calls / 5 s: time / lower bound (lower is better)",
+            unit: "× lower bound",
+            log: false,
+            series: &[("fixed 8", "throttled-fixed", "to_bound"), ("adaptive", "throttled-adaptive", "to_bound")],
+        },
+        Bars {
+            groups: &["psbridge"],
+            title: "Throttled batch: calls refused by the budget (%; lower is better)",
+            unit: "%",
+            log: false,
+            series: &[("fixed 8", "throttled-fixed", "throttled_percent"), ("adaptive", "throttled-adaptive", "throttled_percent")],
         },
     ];
     for (panel, bars) in panels.iter().zip(&charts) {

@@ -1,10 +1,14 @@
-//! The psbridge comparator of `scripts/bench.sh`: one [`Runspace`], and a [`RunspacePool`] of three.
+//! The psbridge comparator of `scripts/bench.sh`: one [`Runspace`], and [`RunspacePool`]s of three
+//! lanes: 3 processes x 1 runspace, 1 x 3, and 2 x 2.
 //!
 //! ```sh
-//! bench_psbridge single   <config.json> <out.json>   # Runspace: start-up, warm-up, small sequential
-//! bench_psbridge parallel <config.json> <out.json>   # RunspacePool(3): start-up, warm-ups, small x3, write x3
-//! bench_psbridge large    <config.json> <out.json>   # Runspace: Get-Mailbox -ResultSize Unlimited, streamed
+//! bench_psbridge single       <config.json> <out.json>   # Runspace: start-up, warm-up, small sequential
+//! bench_psbridge parallel     <config.json> <out.json>   # 3 x 1: start-up, warm-ups, small x3, write x3, peak memory
+//! bench_psbridge parallel-1x3 <config.json> <out.json>   # the same, one process of three runspaces
+//! bench_psbridge parallel-2x2 <config.json> <out.json>   # the same, two processes of two runspaces
+//! bench_psbridge large        <config.json> <out.json>   # Runspace: Get-Mailbox -ResultSize Unlimited, streamed
 //! ```
+//! The N x M variants are comparators of their own in the report (`psbridge 1×3`, `psbridge 2×2`).
 //! The module and tenant come from the environment (PSModulePath, EXO_SIM_TENANT), set by bench.sh.
 
 use psbridge_bench as common;
@@ -92,20 +96,27 @@ async fn single(config: &Config, records: &mut Records) {
     runspace.close().await.expect("the runspace closes");
 }
 
-async fn pool(config: &Config, records: &mut Records) {
-    const VARIANT: &str = "RunspacePool(3)";
+/// Three lanes of callers on `processes` x `runspaces` (at least three runspaces in all).
+async fn pool(config: &Config, records: &mut Records, processes: usize, runspaces: usize) {
+    let variant = format!("RunspacePool({processes} x {runspaces})");
+    let variant = variant.as_str();
     let counts = config.counts(false);
     let ids = &config.identities;
     let started = Instant::now();
-    let pool =
-        RunspacePool::builder(workers()).min_workers(LANES).max_workers(LANES).build().await.expect("the pool opens");
-    records.add(VARIANT, "start-up-x3", serde_json::json!({ "ms": millis_since(started) }));
+    let pool = RunspacePool::builder(workers())
+        .min_workers(processes)
+        .max_workers(processes)
+        .runspaces_per_worker(runspaces)
+        .build()
+        .await
+        .expect("the pool opens");
+    records.add(variant, "start-up-x3", serde_json::json!({ "ms": millis_since(started) }));
     let get = |i: usize| {
         let pool = pool.clone();
         async move { check_one(pool.invoke(get_mailbox(&ids[i])).await, &ids[i]) }
     };
-    records.add(VARIANT, "warm-up-x3", parallel(counts.warmup, get).await.warm_up());
-    records.add(VARIANT, "small-x3", parallel(counts.small, |i| get(counts.warmup + i)).await.latency());
+    records.add(variant, "warm-up-x3", parallel(counts.warmup, get).await.warm_up());
+    records.add(variant, "small-x3", parallel(counts.small, |i| get(counts.warmup + i)).await.latency());
     let write = |i: usize| {
         let pool = pool.clone();
         let command = Command::new("Set-Mailbox")
@@ -116,8 +127,13 @@ async fn pool(config: &Config, records: &mut Records) {
             assert!(!result.had_errors, "Set-Mailbox: {:?}", result.errors);
         }
     };
-    records.add(VARIANT, "warm-up-write-x3", parallel(counts.warmup, write).await.warm_up());
-    records.add(VARIANT, "write-x3", parallel(counts.writes, |i| write(counts.warmup + i)).await.latency());
+    records.add(variant, "warm-up-write-x3", parallel(counts.warmup, write).await.warm_up());
+    records.add(variant, "write-x3", parallel(counts.writes, |i| write(counts.warmup + i)).await.latency());
+    // Peak memory of the whole set-up: the caller and every worker process (VmHWM), as the in-process
+    // C# pool's is its one process.
+    let workers: f64 = pool.worker_pids().iter().map(|pid| peak_megabytes(&pid.to_string())).sum();
+    let caller = peak_megabytes("self");
+    records.add(variant, "peak-x3", serde_json::json!({ "caller_mb": caller, "workers_mb": workers, "total_mb": caller + workers }));
     pool.close().await;
 }
 
@@ -164,13 +180,20 @@ async fn large(records: &mut Records) {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [phase, config, out] = args.as_slice() else {
-        panic!("usage: bench_psbridge single|parallel|large <config.json> <out.json>");
+        panic!("usage: bench_psbridge single|parallel|parallel-1x3|parallel-2x2|large <config.json> <out.json>");
     };
     let config = Config::read(&PathBuf::from(config));
-    let mut records = Records::new("psbridge");
+    let comparator = match phase.as_str() {
+        "parallel-1x3" => "psbridge 1×3",
+        "parallel-2x2" => "psbridge 2×2",
+        _ => "psbridge",
+    };
+    let mut records = Records::new(comparator);
     match phase.as_str() {
         "single" => single(&config, &mut records).await,
-        "parallel" => pool(&config, &mut records).await,
+        "parallel" => pool(&config, &mut records, LANES, 1).await,
+        "parallel-1x3" => pool(&config, &mut records, 1, LANES).await,
+        "parallel-2x2" => pool(&config, &mut records, 2, 2).await,
         "large" => large(&mut records).await,
         other => panic!("unknown phase {other}"),
     }

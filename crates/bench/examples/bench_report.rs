@@ -16,6 +16,8 @@ const BASELINE: &str = "in-process C#";
 const COUNTS: [&str; 3] = ["calls", "objects", "properties"];
 /// Comparators in table order.
 const COMPARATORS: [&str; 4] = [BASELINE, "psbridge", "node-powershell", "one-shot pwsh"];
+/// psbridge's three-lane variants: processes x runspaces per process (`psbridge` is 3 x 1).
+const THREE_WAY: [(&str, &str); 3] = [("psbridge", "3 × 1"), ("psbridge 1×3", "1 × 3"), ("psbridge 2×2", "2 × 2")];
 
 fn read_json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -91,10 +93,68 @@ fn ratio_text(ratio: f64) -> String {
     if ratio >= 10.0 { format!("{ratio:.0}") } else { format!("{ratio:.2}") }
 }
 
+/// The three-lane variant with the most small commands per second: the best N x M on this machine.
+fn best_three_way(summary: &Summary) -> (&'static str, &'static str) {
+    let rate = |name| summary.figure(name, "small-x3", "per_s").unwrap_or(0.0);
+    THREE_WAY.into_iter().max_by(|a, b| rate(a.0).total_cmp(&rate(b.0))).expect("THREE_WAY is not empty")
+}
+
 /// The issue's goals for psbridge, checked against the figures.
 fn goals(summary: &Summary) -> Vec<Value> {
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
     let psb = |workload, name| summary.figure("psbridge", workload, name);
+    let (best, shape) = best_three_way(summary);
+    let best_figure = |workload, name| summary.figure(best, workload, name);
+    let csharp = |workload, name| summary.figure(BASELINE, workload, name);
+    let throttled = |mode: &str, name| summary.figure("psbridge", &format!("throttled-{mode}"), name);
+    let fixed_worse = throttled("fixed", "to_bound")
+        .zip(throttled("adaptive", "to_bound"))
+        .zip(throttled("fixed", "throttled_share").zip(throttled("adaptive", "throttled_share")))
+        .map(|((fixed_time, time), (fixed_share, share))| f64::from(u8::from(fixed_time > time && fixed_share > share)));
+    let three_way = [
+        (
+            format!("three-way small commands/s at least in-process C#'s (best N × M: {shape})"),
+            "psbridge ×3 cmd/s / C# ×3 cmd/s ≥ 1".to_owned(),
+            ratio(best_figure("small-x3", "per_s"), csharp("small-x3", "per_s")),
+            (1.0, f64::INFINITY),
+        ),
+        (
+            format!("three-way writes/s at least in-process C#'s ({shape})"),
+            "psbridge write ×3 cmd/s / C# write ×3 cmd/s ≥ 1".to_owned(),
+            ratio(best_figure("write-x3", "per_s"), csharp("write-x3", "per_s")),
+            (1.0, f64::INFINITY),
+        ),
+        (
+            format!("three-way start-up at most 1.2× in-process C#'s ({shape})"),
+            "psbridge start-up ×3 / C# start-up ×3 ≤ 1.2".to_owned(),
+            ratio(best_figure("start-up-x3", "ms"), csharp("start-up-x3", "ms")),
+            (f64::NEG_INFINITY, 1.2),
+        ),
+        (
+            format!("three-way at least 3× node-powershell's three shells ({shape})"),
+            "psbridge ×3 cmd/s / node-powershell ×3 cmd/s ≥ 3".to_owned(),
+            ratio(best_figure("small-x3", "per_s"), summary.figure("node-powershell", "small-x3", "per_s")),
+            (3.0, f64::INFINITY),
+        ),
+        (
+            "throttled batch, adaptive: within 1.15× of the budget's lower bound".to_owned(),
+            "time / (items / budget rate) ≤ 1.15".to_owned(),
+            throttled("adaptive", "to_bound"),
+            (f64::NEG_INFINITY, 1.15),
+        ),
+        (
+            "throttled batch, adaptive: under 5 % of responses throttled".to_owned(),
+            "refused / (admitted + refused) < 0.05".to_owned(),
+            throttled("adaptive", "throttled_share"),
+            (f64::NEG_INFINITY, 0.0499),
+        ),
+        (
+            "throttled batch: fixed concurrency 8 worse than adaptive on both".to_owned(),
+            "fixed time > adaptive time and fixed share > adaptive share (1 = yes)".to_owned(),
+            fixed_worse,
+            (1.0, 1.0),
+        ),
+    ];
     let checks = [
         (
             "small-command p50 within 1.5× of in-process C# single runspace",
@@ -129,10 +189,59 @@ fn goals(summary: &Summary) -> Vec<Value> {
     ];
     checks
         .into_iter()
+        .map(|(goal, test, measured, range)| (goal.to_owned(), test.to_owned(), measured, range))
+        .chain(three_way)
         .map(|(goal, test, measured, (low, high))| {
             json!({ "goal": goal, "test": test, "measured": measured, "met": measured.map(|m| m >= low && m <= high) })
         })
         .collect()
+}
+
+/// The three-lane variants side by side with in-process C# and node-powershell, and the throttled batch.
+fn three_way_tables(md: &mut String, summary: &Summary) {
+    let _ = writeln!(md, "\nThree lanes of callers, psbridge as processes × runspaces per process (ratios to in-process C#'s RunspacePool of 3):\n");
+    let _ = writeln!(md, "| comparator | start-up ×3 ms | small ×3 p50 ms | small ×3 cmd/s | write ×3 cmd/s | peak MB, all processes |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let rows = [(BASELINE, "RunspacePool of 3, one process")]
+        .into_iter()
+        .chain(THREE_WAY)
+        .chain([("node-powershell", "3 shells")]);
+    for (comparator, shape) in rows {
+        let _ = writeln!(
+            md,
+            "| {comparator} ({shape}) | {} | {} | {} | {} | {} |",
+            summary.cell(comparator, "start-up-x3", "ms"),
+            summary.cell(comparator, "small-x3", "p50_ms"),
+            summary.cell(comparator, "small-x3", "per_s"),
+            summary.cell(comparator, "write-x3", "per_s"),
+            summary.cell(comparator, "peak-x3", "total_mb"),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nThrottled batch: `Set-Mailbox` items under the tenant budget EXO_SIM_BUDGET=100/5s (20 calls/s, shared by every \
+         process; refused calls count against it too), 200 ms of service latency, psbridge's pool of 2 processes × 4 runspaces (concurrency 8), retrying \
+         throttled calls after the service's Retry-After. Lower bound: items / 20 per s. Throttled: the calls the budget \
+         refused, of all calls it answered.\n"
+    );
+    let _ = writeln!(md, "| concurrency | items | seconds | lower bound s | time / bound | throttled | lowest limit |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for mode in ["fixed", "adaptive"] {
+        let workload = format!("throttled-{mode}");
+        let figure = |name| summary.figure("psbridge", &workload, name);
+        let shown = |name, scale: f64, suffix: &str| figure(name).map_or("–".to_owned(), |v| format!("{}{suffix}", number(v * scale)));
+        let label = if mode == "fixed" { "fixed 8" } else { "adaptive (from 8)" };
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {} | {} |",
+            shown("calls", 1.0, ""),
+            shown("seconds", 1.0, ""),
+            shown("lower_bound_s", 1.0, ""),
+            shown("to_bound", 1.0, "×"),
+            shown("throttled_share", 100.0, " %"),
+            shown("lowest_limit", 1.0, ""),
+        );
+    }
 }
 
 fn markdown(config: &Value, summary: &Summary, goals: &[Value]) -> String {
@@ -229,6 +338,7 @@ fn markdown(config: &Value, summary: &Summary, goals: &[Value]) -> String {
             summary.cell(comparator, "warm-up-large", "seconds"),
         );
     }
+    three_way_tables(&mut md, summary);
     let _ = writeln!(md, "\nGoals for psbridge:\n");
     let _ = writeln!(md, "| goal | test | measured | met |");
     let _ = writeln!(md, "|---|---|---|---|");

@@ -106,7 +106,7 @@ async fn main() {
     let mut connection = Connection::open(socket);
     in_process(&pool, 0, warmup).await;
     over_http(&mut connection, 0, warmup);
-    const BLOCKS: usize = 10;
+    const BLOCKS: usize = 20;
     let block = calls.div_ceil(BLOCKS);
     let (mut pool_run, mut server_run) = (Run { latencies: Vec::new(), seconds: 0.0 }, Run { latencies: Vec::new(), seconds: 0.0 });
     for n in 0..BLOCKS {

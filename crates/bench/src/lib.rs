@@ -16,6 +16,8 @@ pub struct Config {
     counts: Counts,
     /// One-shot pwsh takes seconds per call, so it gets its own, smaller counts.
     oneshot: Counts,
+    /// Items of the throttled batch (`bench_throttled`).
+    pub throttled_items: usize,
     /// Random existing mailboxes: the warm-up takes the first ones, the measured calls the next ones,
     /// the writes `identities[i % len]`.
     pub identities: Vec<String>,

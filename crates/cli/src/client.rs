@@ -238,7 +238,7 @@ impl Response {
 #[derive(Debug, clap::Subcommand)]
 pub enum ServerCommand {
     /// Print the server's profiles, their workers (state, pid, memory) and the server's uptime.
-    #[command(after_help = "Examples:\n  psbridge server status\n  psbridge server status --server tcp:127.0.0.1:8655 --token-from env:PSBRIDGE_TOKEN\n  psbridge server status --json | jq .profiles")]
+    #[command(after_help = "Examples:\n  psbridge server status\n  psbridge server status --wait 120      # in CI, after starting the server\n  psbridge server status --server tcp:127.0.0.1:8655 --token-from env:PSBRIDGE_TOKEN\n  psbridge server status --json | jq .profiles")]
     Status(StatusArgs),
 }
 
@@ -253,6 +253,11 @@ pub struct StatusArgs {
     #[arg(long = "token-from", value_name = "SOURCE", value_parser = crate::serve::auth::parse_token_source)]
     token_from: Option<SecretSpec>,
 
+    /// Wait up to this many seconds for the server to listen and be healthy (a CI step after starting
+    /// one); exit status 3 if it does not.
+    #[arg(long, value_name = "SECONDS", value_parser = crate::parse_seconds)]
+    wait: Option<std::time::Duration>,
+
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
@@ -264,7 +269,10 @@ pub async fn run(command: ServerCommand, globals: crate::Globals) -> Result<(), 
     let config = Config::load(globals.config.as_deref())?;
     let address = args.server.clone().unwrap_or_else(Address::default_socket);
     let client = Client::new(address, args.token_from.as_ref(), &config, globals.profile_name()?, &mut SecretReader::default())?;
-    let status = client.status().await?;
+    let status = match args.wait {
+        None => client.status().await?,
+        Some(limit) => healthy_within(&client, limit).await?,
+    };
     let text = if args.json {
         serde_json::to_string_pretty(&status).map_err(|e| CliError::Output(std::io::Error::other(e)))? + "\n"
     } else {
@@ -273,6 +281,28 @@ pub async fn run(command: ServerCommand, globals: crate::Globals) -> Result<(), 
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(CliError::output)
+}
+
+/// The status once the server listens and is healthy, trying again until `limit` has passed.
+async fn healthy_within(client: &Client, limit: std::time::Duration) -> Result<ServerStatus, CliError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let outcome = client.status().await;
+        let last = match outcome {
+            Ok(status) if status.healthy => return Ok(status),
+            Ok(_) => CliError::ServerGone(format!(
+                "the psbridge server at {} is not healthy after {} s: its workers are not connected (see its log)",
+                client.address(),
+                limit.as_secs_f64()
+            )),
+            Err(error @ CliError::ServerGone(_)) => error,
+            Err(other) => return Err(other),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// The status in words: one block per profile, one line per worker.

@@ -85,6 +85,12 @@ pub struct ProfileSpec {
     pub env: BTreeMap<String, String>,
     /// Workers of `psbridge batch` (default 3; `--workers` overrides).
     pub workers: Option<usize>,
+    /// Runspaces per worker process, each connected on its own (default 1, at most 64;
+    /// `--runspaces-per-worker` overrides).
+    pub runspaces_per_worker: Option<usize>,
+    /// Whether the pool runs fewer commands at once while the service throttles it (default false;
+    /// `--adaptive-concurrency` turns it on).
+    pub adaptive_concurrency: Option<bool>,
     /// How long a command may run before it is stopped (default: no limit, for ExchangeOnlineManagement
     /// `exo::COMMAND_TIMEOUT`; `--timeout` overrides).
     pub command_timeout_secs: Option<Seconds>,
@@ -428,6 +434,7 @@ impl Config {
             }
             let at_least_one = [
                 ("workers", spec.workers.map(|n| n as u64)),
+                ("runspaces_per_worker", spec.runspaces_per_worker.map(|n| n as u64)),
                 ("connect_attempts", spec.connect_attempts.map(u64::from)),
                 ("retry.max_attempts", spec.retry.as_ref().and_then(|r| r.max_attempts).map(u64::from)),
             ];
@@ -653,6 +660,8 @@ default_profile = "prod"
 [profiles.prod]
 modules = ["ExchangeOnlineManagement", { name = "Other", minimum_version = "1.2" }]
 workers = 4
+runspaces_per_worker = 3
+adaptive_concurrency = true
 [profiles.prod.connect]
 command = "Connect-ExchangeOnline"
 parameters = { AppId = "a", ShowBanner = false }
@@ -665,6 +674,7 @@ max_attempts = 3
         .unwrap();
         let prod = config.file.profiles["prod"].get_ref();
         assert_eq!(prod.modules[1].minimum_version(), Some("1.2"));
+        assert_eq!((prod.runspaces_per_worker, prod.adaptive_concurrency), (Some(3), Some(true)));
         let connect = prod.connect.as_ref().unwrap();
         assert_eq!(connect.secrets["AccessToken"].get_ref().kind, SecretKind::String);
         assert_eq!(config.chosen(None), Some("prod"));
@@ -730,6 +740,7 @@ max_attempts = 3
         let cases = [
             ("[profiles.a]\nexecution_policy = \"RemoteSinged\"\n", "line 2", "is not an execution policy"),
             ("[profiles.a]\nworkers = 1\nconnect_attempts = 0\n", "line 3", "connect_attempts must be at least 1"),
+            ("[profiles.a]\nworkers = 1\nrunspaces_per_worker = 0\n", "line 3", "runspaces_per_worker must be at least 1"),
             ("[profiles.a.retry]\nmax_attempts = 0\n", "line 2", "retry.max_attempts must be at least 1"),
             ("[profiles.a]\nenv = { \"A=B\" = \"x\" }\n", "line 1", "cannot be set"),
             ("[profiles.a.connect]\ncommand = \"\"\n", "line 2", "the command name is empty"),

@@ -39,7 +39,7 @@ pub const STATUS_TABLE: &[(&str, &str)] = &[
     ("0", "success (a script's `exit 0` too)"),
     ("1", "the command wrote an error record or did not finish; a batch item or doctor check failed"),
     ("2", "bad usage, input or configuration (a missing module included)"),
-    ("3", "a worker could not be started, connected or kept"),
+    ("3", "a worker could not be started, connected or kept (or a psbridge server reached)"),
     ("N", "`run`: a script's `exit N`, as the system reports it (N & 0xFF: `exit 256` is 0)"),
     ("71", "the system refused a resource psbridge needs (threads, the async runtime)"),
     ("74", "the output could not be written (full disk, closed file), one message on stderr"),

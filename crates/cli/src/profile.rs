@@ -68,6 +68,16 @@ impl Profile {
         self.spec.workers.unwrap_or(DEFAULT_WORKERS)
     }
 
+    /// Runspaces per worker process (`runspaces_per_worker`, default 1).
+    pub fn runspaces_per_worker(&self) -> usize {
+        self.spec.runspaces_per_worker.unwrap_or(1)
+    }
+
+    /// Whether the pool adapts its concurrency to throttling (`adaptive_concurrency`, default false).
+    pub fn adaptive_concurrency(&self) -> bool {
+        self.spec.adaptive_concurrency.unwrap_or(false)
+    }
+
     /// Whether the profile imports ExchangeOnlineManagement, and so gets the Exchange Online preset.
     pub fn is_exchange(&self) -> bool {
         self.spec.modules.iter().any(|m| exo::is_module(m.name()))
@@ -122,7 +132,12 @@ impl Profile {
     /// `connect_attempts` and `token_refresh_margin_secs`, and for ExchangeOnlineManagement the
     /// Exchange Online classifier and health check. The caller adds the pool's size and grace.
     pub fn pool_builder(&self, workers: RunspaceBuilder) -> PoolBuilder {
-        let pool = RunspacePool::builder(workers).retry(self.retry()).connect_attempts(self.connect_attempts()).refresh_margin(self.refresh_margin());
+        let pool = RunspacePool::builder(workers)
+            .retry(self.retry())
+            .connect_attempts(self.connect_attempts())
+            .refresh_margin(self.refresh_margin())
+            .runspaces_per_worker(self.runspaces_per_worker())
+            .adaptive_concurrency(self.adaptive_concurrency());
         if self.is_exchange() { pool.classifier(exo::ExchangeOnline).health_check(exo::health_check()) } else { pool }
     }
 

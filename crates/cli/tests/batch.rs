@@ -374,3 +374,27 @@ fn the_first_sigterm_ends_a_batch_whose_workers_cannot_connect_with_143() {
     assert_eq!(results.len(), 10);
     assert!(results.iter().all(|r| r["status"] == "not_run"), "{results:?}");
 }
+
+#[test]
+fn runspaces_per_worker_and_adaptive_concurrency_run_a_throttled_batch_to_the_end() {
+    let env = CliEnv::new("");
+    let items: Vec<Value> = (0..24).map(|i| new_mailbox(&format!("Lane{i:02}"))).collect();
+    let input = write_items(&env, "items.jsonl", &items);
+    let output = env.path("results.jsonl");
+    let run = env
+        .psbridge()
+        .args(["batch", &input, "--workers", "1", "--runspaces-per-worker", "3", "--adaptive-concurrency"])
+        .args(["--output", output.to_str().unwrap(), "--progress-interval", "0.01"])
+        .env("EXO_SIM_BUDGET", "6/2s")
+        .output()
+        .unwrap();
+    let stderr = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "{stderr}");
+    let results = jsonl(&read(&output));
+    assert_eq!(by_line(&results).len(), 24);
+    assert!(results.iter().all(|r| r["status"] == "succeeded"), "{results:?}");
+    assert!(results.iter().any(|r| r["attempts"].as_u64().unwrap() > 1), "the budget throttled some: {stderr}");
+    assert!(stderr.contains("concurrency limit 1"), "the progress line shows the limit coming down to 1: {stderr}");
+    let bad = env.psbridge().args(["batch", &input, "--runspaces-per-worker", "0"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+}

@@ -5,14 +5,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::cli::{CliEnv, text};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use common::cli::{CliEnv, Running, text};
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 /// A profile with no modules and no connect: the quickest worker.
@@ -39,66 +36,6 @@ fn json_stdout(output: &std::process::Output) -> Value {
 /// The lines psbridge wrote in its own name.
 fn own_lines(stderr: &str) -> Vec<&str> {
     stderr.lines().filter(|l| l.starts_with("psbridge:")).collect()
-}
-
-/// A psbridge started in the background, its stderr read line by line as it comes.
-struct Running {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stdout: Option<JoinHandle<Vec<u8>>>,
-}
-
-impl Running {
-    fn start(mut command: std::process::Command, stdout: Stdio) -> Running {
-        let mut child = command.stdout(stdout).stderr(Stdio::piped()).spawn().unwrap();
-        let (lines, stderr) = mpsc::channel();
-        let reader = BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in reader.lines().map_while(Result::ok) {
-                let _ = lines.send(line);
-            }
-        });
-        let stdout = child.stdout.take().map(|mut out| {
-            std::thread::spawn(move || {
-                let mut bytes = Vec::new();
-                let _ = out.read_to_end(&mut bytes);
-                bytes
-            })
-        });
-        Running { child, stderr, seen: Vec::new(), stdout }
-    }
-
-    /// Waits (up to two minutes) for a stderr line containing `marker`; returns what follows it.
-    fn wait_for(&mut self, marker: &str) -> String {
-        let end = Instant::now() + Duration::from_secs(120);
-        while let Ok(line) = self.stderr.recv_timeout(end.saturating_duration_since(Instant::now())) {
-            self.seen.push(line.clone());
-            if let Some(at) = line.find(marker) {
-                return line[at + marker.len()..].trim().to_owned();
-            }
-        }
-        panic!("no {marker:?} on stderr; it said: {:?}", self.seen);
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
-    }
-
-    /// Waits for the exit (up to a minute); returns the status, stdout and all of stderr.
-    fn finish(mut self) -> (ExitStatus, String, String) {
-        let end = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < end, "psbridge did not exit; stderr: {:?}", self.seen);
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let stdout = self.stdout.take().map(|h| text(&h.join().unwrap())).unwrap_or_default();
-        self.seen.extend(self.stderr.iter());
-        (status, stdout, self.seen.join("\n"))
-    }
 }
 
 fn gone_within(pid: u32, limit: Duration) -> bool {

@@ -12,10 +12,9 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::cli::{CliEnv, jsonl, text};
+use common::cli::{CliEnv, Running, jsonl, text};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -25,9 +24,8 @@ const TOKEN: &str = "test-token-for-psbridge-serve";
 
 /// A `psbridge serve` running in the background, its stderr read line by line.
 struct Server {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-    seen: Vec<String>,
+    /// `None` once it has exited.
+    running: Option<Running>,
     /// What clients give to --server.
     address: String,
 }
@@ -36,49 +34,34 @@ impl Server {
     /// Starts `psbridge serve ARGS` and waits until it listens.
     fn start(env: &CliEnv, args: &[&str], envs: &[(&str, &str)]) -> Server {
         let mut command = env.psbridge();
-        command.arg("serve").args(args).envs(envs.iter().copied()).env("RUST_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = command.spawn().unwrap();
-        let (lines, stderr) = mpsc::channel();
-        let reader = BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in reader.lines().map_while(Result::ok) {
-                let _ = lines.send(line);
-            }
-        });
-        let mut server = Server { child, stderr, seen: Vec::new(), address: String::new() };
-        server.address = server.wait_for("psbridge serve: listening on ");
-        server
+        command.arg("serve").args(args).envs(envs.iter().copied()).env("RUST_LOG", "warn").stdin(Stdio::null());
+        let mut running = Running::start(command, Stdio::null());
+        let address = running.wait_for("psbridge serve: listening on ");
+        Server { running: Some(running), address }
+    }
+
+    fn running(&mut self) -> &mut Running {
+        self.running.as_mut().expect("the server is running")
     }
 
     /// Waits (up to two minutes) for a stderr line containing `marker`; returns what follows it.
     fn wait_for(&mut self, marker: &str) -> String {
-        let end = Instant::now() + Duration::from_secs(120);
-        while let Ok(line) = self.stderr.recv_timeout(end.saturating_duration_since(Instant::now())) {
-            self.seen.push(line.clone());
-            if let Some(at) = line.find(marker) {
-                return line[at + marker.len()..].trim().to_owned();
-            }
-        }
-        panic!("the server never said {marker:?}; it said: {:?}", self.seen);
+        self.running().wait_for(marker)
     }
 
-    fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    /// Everything it wrote on stderr so far (for failure messages).
+    fn said(&mut self) -> String {
+        self.running().said()
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        self.running().signal(signal);
     }
 
     /// Waits (up to a minute) for the server to exit; its status and everything it wrote on stderr.
     fn exit(&mut self) -> (Option<i32>, String) {
-        let end = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < end, "the server did not exit: {:?}", self.seen);
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        self.seen.extend(self.stderr.try_iter());
-        (status.code(), self.seen.join("\n"))
+        let (status, _, stderr) = self.running.take().expect("the server is running").finish();
+        (status.code(), stderr)
     }
 
     /// `GET path` (with the token on TCP).
@@ -95,8 +78,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(running) = &mut self.running {
+            let _ = running.child.kill();
+            let _ = running.child.wait();
+        }
     }
 }
 
@@ -113,6 +98,9 @@ impl Reply {
     }
 }
 
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
 /// One HTTP/1.1 request over `address` (unix:PATH or tcp:HOST:PORT), read to its end (chunked bodies
 /// decoded), so that status codes and headers can be checked without psbridge's own client.
 fn http(address: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
@@ -121,16 +109,22 @@ fn http(address: &str, method: &str, path: &str, headers: &[(&str, &str)], body:
         request += &format!("{name}: {value}\r\n");
     }
     request += "\r\n";
-    let mut answer = Vec::new();
-    if let Some(path) = address.strip_prefix("unix:") {
-        let mut stream = std::os::unix::net::UnixStream::connect(path).unwrap();
-        stream.write_all(request.as_bytes()).and_then(|()| stream.write_all(body)).unwrap();
+    let mut request = request.into_bytes();
+    request.extend_from_slice(body);
+    // The server may answer (and close) before it reads the body, say for an unknown profile: a write
+    // that finds the connection closed still has the answer to read.
+    let exchange = |stream: &mut dyn ReadWrite| {
+        if let Err(error) = stream.write_all(&request) {
+            assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "{error}");
+        }
+        let mut answer = Vec::new();
         stream.read_to_end(&mut answer).unwrap();
-    } else {
-        let mut stream = std::net::TcpStream::connect(address.strip_prefix("tcp:").unwrap()).unwrap();
-        stream.write_all(request.as_bytes()).and_then(|()| stream.write_all(body)).unwrap();
-        stream.read_to_end(&mut answer).unwrap();
-    }
+        answer
+    };
+    let answer = match address.strip_prefix("unix:") {
+        Some(path) => exchange(&mut std::os::unix::net::UnixStream::connect(path).unwrap()),
+        None => exchange(&mut std::net::TcpStream::connect(address.strip_prefix("tcp:").unwrap()).unwrap()),
+    };
     let split = answer.windows(4).position(|w| w == b"\r\n\r\n").expect("a head");
     let head = text(&answer[..split]);
     let mut rest = answer[split + 4..].to_vec();
@@ -182,7 +176,10 @@ fn ci_steps_share_one_connected_worker_and_a_killed_server_leaves_no_pwsh() {
     // Not healthy while the worker connects (3 s); then healthy.
     let early = server.get("/v1/health");
     assert_eq!(early.status, 503, "health before the workers are connected: {}", text(&early.body));
-    server.wait_for("psbridge serve: ready");
+    // `server status --wait` is a CI job's step 0: it returns once the server is healthy.
+    let (waited, _) = client(&env, &["server", "status", "--server", &address, "--token-from", "env:PSBRIDGE_TOKEN", "--wait", "120", "--json"]);
+    assert_eq!(waited.status.code(), Some(0), "{}\nthe server said:\n{}", text(&waited.stderr), server.said());
+    assert_eq!(serde_json::from_slice::<Value>(&waited.stdout).unwrap()["healthy"], true);
     assert_eq!(server.get("/v1/health").status, 200);
 
     // Tokens: none, a wrong one (both 401, exit 2, no secret in the message), the right one.
@@ -258,6 +255,31 @@ fn wait_output(child: &mut Child, limit: Duration) -> Output {
     Output { status: child.wait().unwrap(), stdout, stderr }
 }
 
+/// `--lazy` opens a pool on its first request; `--idle-timeout` closes it after a quiet while, and the next
+/// request opens a fresh one.
+#[test]
+fn a_lazy_pool_opens_on_first_use_and_closes_when_idle() {
+    let env = CliEnv::new("");
+    let listen = format!("unix:{}", env.path("s.sock").display());
+    let mut server = Server::start(&env, &["--simulated", "--listen", &listen, "--lazy", "--idle-timeout", "1"], &[]);
+    server.wait_for("psbridge serve: ready");
+    let pool_state = || server.get("/v1/profiles/simulated").json()["state"].clone();
+    assert_eq!(server.get("/v1/health").status, 200, "no profile waits to start at launch");
+    assert_eq!(pool_state(), "closed");
+    let first = client(&env, &["run", "--server", &listen, "--simulated", "--script", "$PID"]).0;
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    let end = Instant::now() + Duration::from_secs(30);
+    while pool_state() != "closed" {
+        assert!(Instant::now() < end, "the idle pool was not closed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let worker = serde_json::from_slice::<Value>(&first.stdout).unwrap()[0].as_u64().unwrap() as u32;
+    assert!(gone_within(worker, Duration::from_secs(20)), "the idle pool's worker {worker} is still there");
+    let second = client(&env, &["run", "--server", &listen, "--simulated", "--script", "$PID"]).0;
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    assert_ne!(serde_json::from_slice::<Value>(&second.stdout).unwrap()[0].as_u64(), Some(u64::from(worker)), "a fresh worker");
+}
+
 // ---- what may reach the server, and what it refuses before anything starts ---------------------------
 
 #[test]
@@ -300,7 +322,8 @@ fn a_shared_server_serves_many_clients_by_its_rules_and_drains_on_sigterm() {
     let mut server = Server::start(
         &env,
         &[
-            "--profile", "sim", "--listen", &listen, "--workers", "3", "--audit", audit.to_str().unwrap(), "--state-dir", state.to_str().unwrap(),
+            // Two workers kept connected: the drain below needs two at once, however long the test takes.
+            "--profile", "sim", "--listen", &listen, "--workers", "3", "--min-workers", "2", "--audit", audit.to_str().unwrap(), "--state-dir", state.to_str().unwrap(),
             "--shutdown-grace", "6",
         ],
         &[("EXO_SIM_LATENCY_MS", "150")],
@@ -392,6 +415,7 @@ fn a_shared_server_serves_many_clients_by_its_rules_and_drains_on_sigterm() {
     for family in [
         "psbridge_commands_total", "psbridge_command_duration_seconds", "psbridge_queue_depth", "psbridge_workers", "psbridge_worker_restarts_total",
         "psbridge_retries_total", "psbridge_throttled_total", "psbridge_worker_resident_bytes", "psbridge_worker_token_expiry_timestamp_seconds",
+        "psbridge_concurrency_limit",
     ] {
         assert!(families.contains(family), "no {family} in /metrics");
     }
@@ -456,7 +480,7 @@ fn a_shared_server_serves_many_clients_by_its_rules_and_drains_on_sigterm() {
     let (mut short, mut long) = (spawn("3"), spawn("60"));
     let end = Instant::now() + Duration::from_secs(30);
     while server.get("/v1/profiles/sim").json()["workers"].as_array().unwrap().iter().filter(|w| w["state"] == "busy").count() < 2 {
-        assert!(Instant::now() < end, "the two commands never started");
+        assert!(Instant::now() < end, "the two commands never started: {}", server.said());
         std::thread::sleep(Duration::from_millis(20));
     }
     server.signal(Signal::SIGTERM);

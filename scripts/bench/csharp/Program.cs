@@ -3,7 +3,7 @@
 // process boundary and no serialization: the floor the other comparators are measured against.
 //
 //   PsBench single   <config.json> <out.json>   Sample 1: start-up, warm-up, small sequential
-//   PsBench parallel <config.json> <out.json>   Sample 2: start-up, warm-ups, small x3, write x3
+//   PsBench parallel <config.json> <out.json>   Sample 2: start-up, warm-ups, small x3, write x3, peak memory
 //   PsBench large    <config.json> <out.json>   Sample 1: Get-Mailbox -ResultSize Unlimited
 //
 // The module and tenant come from the environment (PSModulePath, EXO_SIM_TENANT), set by bench.sh.
@@ -53,6 +53,8 @@ switch (phase)
             ("Identity", ids[i % ids.Length]), ("CustomAttribute1", $"bench {runId} csharp {i}"));
         Record(variant, "warm-up-write-x3", Bench.WarmUp(Bench.Lanes(3, warmup, Write)));
         Record(variant, "write-x3", Bench.Latency(Bench.Lanes(3, writes, i => Write(warmup + i))));
+        // One process: the caller is the workers.
+        Record(variant, "peak-x3", new { caller_mb = Bench.PeakMegabytes(), workers_mb = (double?)null, total_mb = Bench.PeakMegabytes() });
         break;
     }
     case "large":

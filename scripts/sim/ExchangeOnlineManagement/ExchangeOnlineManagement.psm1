@@ -91,8 +91,8 @@ function Assert-SimConnected {
 function Invoke-SimRequest {
     <#
         What every REST request of a command goes through, in the order a real call meets it:
-        connection, the round trip (EXO_SIM_LATENCY_MS), then the service's answer: 401 once the
-        token has expired, 429 for the share EXO_SIM_THROTTLE_RATE of calls. Failures go through
+        connection, the round trip (EXO_SIM_LATENCY_MS), the tenant's budget (EXO_SIM_BUDGET), then the
+        service's answer: 401 once the token has expired, 429 for the share EXO_SIM_THROTTLE_RATE of calls. Failures go through
         the module's own retry schedule (Invoke-SimRetrySchedule) and end as a NON-terminating
         error written on $Cmdlet; then this returns $null and the command skips this request.
         Write commands pass -SkipLatency and apply the latency inside their audited write window.
@@ -102,6 +102,17 @@ function Invoke-SimRequest {
     param([Parameter(Mandatory)][Management.Automation.PSCmdlet]$Cmdlet, [int]$ConnectionId = 0, [switch]$SkipLatency)
     $connection = Assert-SimConnected -Cmdlet $Cmdlet -ConnectionId $ConnectionId
     if (-not $SkipLatency -and $env:EXO_SIM_LATENCY_MS) { Invoke-SimLatency }
+    if ($env:EXO_SIM_BUDGET) {
+        # The tenant's cmdlet budget refuses the call itself: the caller sees the 429 at once, with the
+        # service's Retry-After (the module's own REST retry schedule is not run for it).
+        $budget = Get-SimBudget
+        $retryAfter = Request-SimBudget -Budget $budget -Layout (Get-SimTenant).Layout
+        if ($retryAfter -gt 0) {
+            $body = '{{"error":{{"code":"TooManyRequests","message":"Rate limit exceeded. Retry after {0} seconds."}}}}' -f $retryAfter
+            Write-SimRestError -Cmdlet $Cmdlet -ErrorRecord (New-SimHttpError -StatusCode 429 -Body $body)
+            return $null
+        }
+    }
     $canExpire = $env:EXO_SIM_TOKEN_LIFETIME_S -or $null -ne $connection.TokenClaimExpiryUtc
     $staysThrottled = $env:EXO_SIM_THROTTLE_RATE -and (Test-SimThrottled)
     if (-not $staysThrottled -and -not ($canExpire -and (Test-SimTokenExpired -Connection $connection))) { return $connection }

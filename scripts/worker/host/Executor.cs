@@ -2,31 +2,44 @@
 
 namespace PsBridge
 {
-    /// <summary>Builds the session (like InitialSessionState in Microsoft's C# sample) and runs requests in it.</summary>
-    public static class Executor
+    /// <summary>
+    /// One runspace of the worker and the requests run in it: builds the session (like InitialSessionState
+    /// in Microsoft's C# sample) and runs its requests one at a time, in order, always on the same thread
+    /// (runspace 0 on the worker's main thread, the others each on a thread of their own; see Lanes).
+    /// </summary>
+    public sealed class Executor
     {
-        private static Runspace runspace;
-        private static readonly BridgeHost Host = new BridgeHost();
-        private static readonly object CurrentGate = new object();
-        private static PowerShell current;
-        private static long currentId = -1;
-        private static bool errorsWritten;
-        private static int sessionDepth = 4;
-        private static int? exitCode;
+        private readonly int index;
+        private readonly BlockingCollection<Request> queue = new BlockingCollection<Request>();
+        private readonly BridgeHost host;
+        private readonly object currentGate = new object();
+        private Runspace runspace;
+        private Thread thread;
+        private PowerShell current;
+        private long currentId = -1;
+        private bool errorsWritten;
+        private int sessionDepth = 4;
+        private int? exitCode;
         // Where PowerShell keeps the switch that makes `exit` in a script file end the whole pipeline (as
         // under `pwsh -File`) instead of only that script; null where this PowerShell has no such member.
         private static readonly System.Reflection.PropertyInfo ExecutionContextProperty =
             typeof(Runspace).Assembly.GetType("System.Management.Automation.Runspaces.LocalRunspace")
                 ?.GetProperty("ExecutionContext", System.Reflection.BindingFlags.NonPublic | System.Reflection.BindingFlags.Instance);
 
-        /// <summary>The id of the running request, or -1.</summary>
-        public static long CurrentId { get { lock (CurrentGate) return currentId; } }
+        public Executor(int index)
+        {
+            this.index = index;
+            host = new BridgeHost(this);
+        }
+
+        /// <summary>The id of the request this runspace is running, or -1.</summary>
+        public long CurrentId { get { lock (currentGate) return currentId; } }
 
         /// <summary>Called by the host when the running script calls `exit N`: the request ends with that code.</summary>
-        public static void NoteExit(int code) => exitCode = code;
+        public void NoteExit(int code) => exitCode = code;
 
         /// <summary>Reports a confirmation the host declined, in the running request's error stream.</summary>
-        public static void ReportDeclined(string caption, string message)
+        public void ReportDeclined(string caption, string message)
         {
             long id = CurrentId;
             if (id < 0) return;
@@ -51,10 +64,37 @@ namespace PsBridge
             });
         }
 
-        /// <summary>Handles one request from the main loop.</summary>
-        public static void Handle(Request request)
+        /// <summary>Queues a request (or the exit marker) behind this runspace's others.</summary>
+        public void Enqueue(Request request) => queue.Add(request);
+
+        /// <summary>Runs this runspace's requests on a thread of its own (runspaces other than 0).</summary>
+        public void StartThread()
         {
-            if (Inbox.TakeCancelled(request.Id)) { SendDone(request.Id, "Stopped", false, 0); return; }
+            // The stack PowerShell gives its own pipeline threads: deep scripts recurse far.
+            thread = new Thread(Loop, 10_000_000) { IsBackground = true, Name = "psbridge-runspace-" + index };
+            thread.Start();
+        }
+
+        /// <summary>Waits for a runspace started with StartThread to finish its requests.</summary>
+        public void Join() => thread?.Join();
+
+        /// <summary>Runs queued requests, in order, until the exit marker.</summary>
+        public void Loop()
+        {
+            while (true)
+            {
+                var request = queue.Take();
+                if (request.Type == "exit") return;
+                Handle(request);
+            }
+        }
+
+        /// <summary>Handles one request of this runspace.</summary>
+        private void Handle(Request request)
+        {
+            bool cancelled;
+            lock (Inbox.CancelGate) cancelled = Inbox.TakeCancelled(request.Id);
+            if (cancelled) { SendDone(request.Id, "Stopped", false, 0); return; }
             try
             {
                 switch (request.Type)
@@ -73,10 +113,17 @@ namespace PsBridge
             }
         }
 
-        /// <summary>Called from the inbox thread: stops the running request if it is the one named.</summary>
-        public static bool StopIfRunning(long id)
+        /// <summary>Answers a request for a runspace that was never set up (from the inbox thread).</summary>
+        public static void Refuse(Request request, string why)
         {
-            lock (CurrentGate)
+            SendError(request.Id, ToRecord(new InvalidOperationException(why), "NotSetUp"), true);
+            SendDone(request.Id, "Failed", true, 0);
+        }
+
+        /// <summary>Called from the inbox thread under Inbox.CancelGate: stops the running request if it is the one named.</summary>
+        public bool StopIfRunning(long id)
+        {
+            lock (currentGate)
             {
                 if (current == null || currentId != id) return false;
                 current.BeginStop(null, null); // Stop() has no bound of its own; the owner bounds the wait
@@ -84,15 +131,16 @@ namespace PsBridge
             }
         }
 
-        public static void Close()
+        public void Close()
         {
             runspace?.Dispose();
         }
 
-        private static void Setup(Request request)
+        private void Setup(Request request)
         {
             var watch = Stopwatch.StartNew();
             var body = request.Body;
+            if (runspace != null) throw new InvalidOperationException("runspace " + index + " is already set up");
             var iss = InitialSessionState.CreateDefault2();
             if (body.TryGetProperty("depth", out var depth)) sessionDepth = depth.GetInt32();
             if (body.TryGetProperty("modules", out var modules))
@@ -110,8 +158,8 @@ namespace PsBridge
             iss.ThrowOnRunspaceOpenError = true;
             try
             {
-                runspace = RunspaceFactory.CreateRunspace(Host, iss);
-                // Commands run on this (the main loop's) thread: always the same thread, so thread-affine
+                runspace = RunspaceFactory.CreateRunspace(host, iss);
+                // Commands run on this runspace's own thread: always the same thread, so thread-affine
                 // module state holds, and no hand-off to a pipeline thread and back per command (ReuseThread
                 // cost ~0.08 ms more per command). Cancel still works: the inbox thread calls BeginStop.
                 runspace.ThreadOptions = PSThreadOptions.UseCurrentThread;
@@ -140,7 +188,7 @@ namespace PsBridge
             return new ModuleSpecification(spec);
         }
 
-        private static void Invoke(Request request)
+        private void Invoke(Request request)
         {
             long id = request.Id;
             var watch = Stopwatch.StartNew();
@@ -152,7 +200,7 @@ namespace PsBridge
             }
             using var ps = PowerShell.Create();
             ps.Runspace = runspace;
-            bool terminatingSent = false;
+            bool terminatingSent = false, stoppedBeforeStart = false;
             errorsWritten = false;
             exitCode = null;
             var body = request.Body;
@@ -169,8 +217,8 @@ namespace PsBridge
                 };
                 ForgetLastExitCode();
                 RethrowExitFromScriptFile(FirstCommand(body));
-                lock (CurrentGate) { current = ps; currentId = id; }
-                ps.Invoke<PSObject, PSObject>(null, output, null);
+                if (Begin(ps, id)) ps.Invoke<PSObject, PSObject>(null, output, null);
+                else stoppedBeforeStart = true;
             }
             catch (PipelineStoppedException) { }
             catch (RuntimeException e)
@@ -185,15 +233,28 @@ namespace PsBridge
             }
             finally
             {
-                Host.Flush();
+                host.Flush();
                 RethrowExitFromScriptFile(null);
-                lock (CurrentGate) { current = null; currentId = -1; }
+                lock (currentGate) { current = null; currentId = -1; }
             }
+            if (stoppedBeforeStart) { SendDone(id, "Stopped", false, watch.Elapsed.TotalMilliseconds); return; }
             string state = ps.InvocationStateInfo.State == PSInvocationState.Stopped ? "Stopped"
                 : terminatingSent ? "Failed" : "Completed";
             // PowerShell's HadErrors reads the error collection, which the handler above empties as it
             // sends; so "an error record was written" is tracked here as well.
             SendDone(id, state, ps.HadErrors || errorsWritten || terminatingSent, watch.Elapsed.TotalMilliseconds, exitCode, NativeExitCode());
+        }
+
+        /// <summary>Makes `ps` the running request, unless its cancel came first (it arrived after the request
+        /// was taken from the queue): then false, and the request is answered Stopped without running.</summary>
+        private bool Begin(PowerShell ps, long id)
+        {
+            lock (Inbox.CancelGate)
+            {
+                if (Inbox.TakeCancelled(id)) return false;
+                lock (currentGate) { current = ps; currentId = id; }
+                return true;
+            }
         }
 
         /// <summary>The first step's command name, or null for a script.</summary>
@@ -217,7 +278,7 @@ namespace PsBridge
         /// so that it can never leak into a later one. Where the member is missing, `exit` in a script file
         /// only sets $LASTEXITCODE, as it does in any hosted pipeline.
         /// </remarks>
-        private static void RethrowExitFromScriptFile(string command)
+        private void RethrowExitFromScriptFile(string command)
         {
             bool on = command != null && command.EndsWith(".ps1", StringComparison.OrdinalIgnoreCase);
             var context = ExecutionContextProperty?.GetValue(runspace);
@@ -227,7 +288,7 @@ namespace PsBridge
         }
 
         /// <summary>$LASTEXITCODE is per request: a native program run by an earlier request is not this one's.</summary>
-        private static void ForgetLastExitCode()
+        private void ForgetLastExitCode()
         {
             // Set() on an existing variable keeps the old object (and so the old watcher): remove it first.
             runspace.SessionStateProxy.PSVariable.Remove("global:LASTEXITCODE");
@@ -235,9 +296,9 @@ namespace PsBridge
             runspace.SessionStateProxy.PSVariable.Set(lastExitCode);
         }
 
-        private static LastExitCodeVariable lastExitCode;
+        private LastExitCodeVariable lastExitCode;
 
-        private static int? NativeExitCode() => lastExitCode?.Native;
+        private int? NativeExitCode() => lastExitCode?.Native;
 
         /// <summary>The global $LASTEXITCODE, watched: it tells a native program's exit code from `exit`'s.</summary>
         /// <remarks>
@@ -294,7 +355,7 @@ namespace PsBridge
         }
 
         /// <summary>Sends every record as it is written, so that the owner sees the streams in order.</summary>
-        private static void Attach(PowerShell ps, long id)
+        private void Attach(PowerShell ps, long id)
         {
             var s = ps.Streams;
             s.Error.DataAdded += (_, __) =>

@@ -3,15 +3,23 @@
 namespace PsBridge
 {
     /// <summary>
-    /// The PowerShell host of the session. Non-interactive: prompts fail with a clear message instead of
+    /// The PowerShell host of one runspace (each runspace of the worker has its own, so that `exit`, host
+    /// text and declined confirmations are told to the runspace they came from). Non-interactive: prompts fail with a clear message instead of
     /// blocking. Text written straight to the host (What if: lines, Out-Host) becomes Information records
     /// tagged PSHOST of the running request; records PowerShell also puts on their own streams (warnings,
     /// verbose, debug, progress, Write-Host) are not repeated here.
     /// </summary>
     public sealed class BridgeHost : PSHost
     {
-        private readonly BridgeHostUI ui = new BridgeHostUI();
+        private readonly BridgeHostUI ui;
+        private readonly Executor executor;
         private readonly Guid instanceId = Guid.NewGuid();
+
+        public BridgeHost(Executor executor)
+        {
+            this.executor = executor;
+            ui = new BridgeHostUI(executor);
+        }
 
         public override string Name => "psbridge";
         public override Version Version => new Version(1, 0);
@@ -24,7 +32,7 @@ namespace PsBridge
         public override void NotifyBeginApplication() { }
         public override void NotifyEndApplication() { }
         // `exit N` in a command ends that command, never the worker; N is the request's exit code.
-        public override void SetShouldExit(int exitCode) => Executor.NoteExit(exitCode);
+        public override void SetShouldExit(int exitCode) => executor.NoteExit(exitCode);
 
         /// <summary>Sends what was written without a newline at the end of a request.</summary>
         public void Flush() => ui.Flush();
@@ -34,6 +42,9 @@ namespace PsBridge
     {
         private readonly StringBuilder pending = new StringBuilder();
         private readonly BridgeRawUI raw = new BridgeRawUI();
+        private readonly Executor executor;
+
+        public BridgeHostUI(Executor executor) { this.executor = executor; }
 
         public override PSHostRawUserInterface RawUI => raw;
 
@@ -88,9 +99,9 @@ namespace PsBridge
             }
         }
 
-        private static void Emit(string text)
+        private void Emit(string text)
         {
-            long id = Executor.CurrentId;
+            long id = executor.CurrentId;
             if (id < 0) { Console.Error.WriteLine(text); return; } // host text outside any request: a log line
             Protocol.Send("info", id, w =>
             {
@@ -139,7 +150,7 @@ namespace PsBridge
                 if (string.Equals(choices[i].Label.Replace("&", ""), "No", StringComparison.OrdinalIgnoreCase)) { no = i; break; }
             }
             if (no < 0) throw NonInteractive("a choice prompt" + Shown(caption, message));
-            Executor.ReportDeclined(caption, message);
+            executor.ReportDeclined(caption, message);
             return no;
         }
 

@@ -7,14 +7,19 @@ namespace PsBridge
     {
         public string Type;
         public long Id;
+        /// <summary>The runspace a setup or invoke is for ("runspace", default 0).</summary>
+        public int Runspace;
         public JsonElement Body;
     }
 
-    /// <summary>Reads owner messages on a thread of its own so that cancel works while a pipeline runs.</summary>
+    /// <summary>Reads owner messages on a thread of its own so that cancel works while a pipeline runs, and
+    /// hands each request to the runspace it names (Lanes).</summary>
     public static class Inbox
     {
-        private static readonly BlockingCollection<Request> Queue = new BlockingCollection<Request>();
         private static readonly ConcurrentDictionary<long, bool> Cancelled = new ConcurrentDictionary<long, bool>();
+        // Taken around "is it running? else remember the cancel" and around "was it cancelled? else it runs
+        // now", so that a cancel arriving just as its request starts is never lost.
+        public static readonly object CancelGate = new object();
         private static volatile bool exiting;
 
         public static void Start()
@@ -24,14 +29,7 @@ namespace PsBridge
             thread.Start();
         }
 
-        /// <summary>The next request for the main loop; null once the owner said exit.</summary>
-        public static Request Take()
-        {
-            var request = Queue.Take();
-            return request.Type == "exit" ? null : request;
-        }
-
-        /// <summary>True (once) when the owner cancelled this request before it started.</summary>
+        /// <summary>True (once) when the owner cancelled this request before it started. Call under CancelGate.</summary>
         public static bool TakeCancelled(long id) => Cancelled.TryRemove(id, out _);
 
         private static void ReadLoop(Stream stdin)
@@ -60,14 +58,17 @@ namespace PsBridge
                 switch (request.Type)
                 {
                     case "cancel":
-                        if (!Executor.StopIfRunning(request.Id)) Cancelled[request.Id] = true;
+                        lock (CancelGate)
+                        {
+                            if (!Lanes.StopIfRunning(request.Id)) Cancelled[request.Id] = true;
+                        }
                         break;
                     case "exit":
                         exiting = true;
-                        Queue.Add(request);
+                        Lanes.Exit();
                         return;
                     default:
-                        Queue.Add(request);
+                        Lanes.Dispatch(request);
                         break;
                 }
             }
@@ -82,6 +83,7 @@ namespace PsBridge
             var root = doc.RootElement;
             var request = new Request { Type = root.GetProperty("t").GetString(), Body = root };
             if (root.TryGetProperty("id", out var id) && id.ValueKind == JsonValueKind.Number) request.Id = id.GetInt64();
+            if (root.TryGetProperty("runspace", out var runspace) && runspace.ValueKind == JsonValueKind.Number) request.Runspace = runspace.GetInt32();
             return request;
         }
     }

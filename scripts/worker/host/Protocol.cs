@@ -9,7 +9,8 @@
 //   worker -> owner: ready, out, err, warn, verbose, debug, info, progress, done, fatal
 //   owner -> worker: setup, invoke, cancel, exit
 // Every message about a request carries its "id" so that late messages of an abandoned request can be
-// told apart from the current one.
+// told apart from the current one. A worker hosts one or more runspaces (setup and invoke name theirs
+// in "runspace", default 0), each running its own requests on a thread of its own (Lanes.cs).
 //
 // This file: the protocol stream and the guard that keeps stdin and stdout for it.
 
@@ -18,7 +19,7 @@ namespace PsBridge
     /// <summary>Owns the protocol stream: the only writer of protocol lines.</summary>
     public static class Protocol
     {
-        public const int Version = 1;
+        public const int Version = 2;
 
         /// <summary>How deeply arrays and objects may nest in one parameter value: psbridge::MAX_VALUE_DEPTH
         /// in src/command.rs, which refuses deeper values before sending (a unit test keeps the two equal).</summary>
@@ -28,39 +29,45 @@ namespace PsBridge
         public const int RequestDepth = MaxValueDepth + 4;
 
         private static readonly object Gate = new object();
-        private static readonly ArrayBufferWriter<byte> Buffer = new ArrayBufferWriter<byte>(64 * 1024);
         private static readonly JsonWriterOptions WriterOptions = new JsonWriterOptions
         {
             // Raw UTF-8 instead of \uXXXX for every non-ASCII character: smaller and faster. Still valid JSON.
             Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
             SkipValidation = true,
         };
-        private static Utf8JsonWriter writer;
+        // Each thread (every runspace's own, the inbox's) builds its messages in a buffer of its own, so
+        // that runspaces serialize their output in parallel and take the lock only to write a finished line.
+        [ThreadStatic] private static ArrayBufferWriter<byte> buffer;
+        [ThreadStatic] private static Utf8JsonWriter writer;
         private static Stream output;
 
         /// <summary>Takes fd 1 (stdout) for the protocol and points everything else at stderr.</summary>
         public static void Claim()
         {
             output = StdioGuard.TakeStdout();
-            writer = new Utf8JsonWriter(Buffer, WriterOptions);
         }
 
         /// <summary>Writes one message. Thread-safe; blocks while the owner is not reading (backpressure).</summary>
         public static void Send(string type, long? id, Action<Utf8JsonWriter> body)
         {
+            if (buffer == null)
+            {
+                buffer = new ArrayBufferWriter<byte>(64 * 1024);
+                writer = new Utf8JsonWriter(buffer, WriterOptions);
+            }
+            buffer.Clear();
+            writer.Reset(buffer);
+            writer.WriteStartObject();
+            writer.WriteString("t", type);
+            if (id.HasValue) writer.WriteNumber("id", id.Value);
+            body?.Invoke(writer);
+            writer.WriteEndObject();
+            writer.Flush();
+            buffer.GetSpan(1)[0] = (byte)'\n';
+            buffer.Advance(1);
             lock (Gate)
             {
-                Buffer.Clear();
-                writer.Reset(Buffer);
-                writer.WriteStartObject();
-                writer.WriteString("t", type);
-                if (id.HasValue) writer.WriteNumber("id", id.Value);
-                body?.Invoke(writer);
-                writer.WriteEndObject();
-                writer.Flush();
-                Buffer.GetSpan(1)[0] = (byte)'\n';
-                Buffer.Advance(1);
-                output.Write(Buffer.WrittenSpan); // one write per message: the owner never sees half a line late
+                output.Write(buffer.WrittenSpan); // one write per message: the owner never sees half a line late
                 output.Flush();
             }
         }
@@ -111,13 +118,16 @@ namespace PsBridge
             if (OperatingSystem.IsWindows())
             {
                 IntPtr real = GetStdHandle(STD_INPUT);
-                var nul = File.Open("NUL", FileMode.Open, FileAccess.Read);
+                var nul = File.Open("NUL", FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
                 SetStdHandle(STD_INPUT, nul.SafeFileHandle.DangerousGetHandle());
                 return new FileStream(new SafeFileHandle(real, false), FileAccess.Read, 1);
             }
             int fd = Check(dup(0), "dup(0)");
             Check(fcntl(fd, F_SETFD, FD_CLOEXEC), "fcntl");
-            var devnull = File.Open("/dev/null", FileMode.Open, FileAccess.Read);
+            // FileShare.ReadWrite: File.Open's default, FileShare.None, makes .NET take an exclusive flock on
+            // the file, and /dev/null is one file for every process, so workers starting at the same moment
+            // failed with "being used by another process".
+            var devnull = File.Open("/dev/null", FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
             Check(dup2((int)devnull.SafeFileHandle.DangerousGetHandle(), 0), "dup2(null, 0)");
             devnull.Dispose();
             return new FileStream(new SafeFileHandle((IntPtr)fd, true), FileAccess.Read, 1);

@@ -121,6 +121,18 @@ pub struct BatchArgs {
     #[arg(long, short, value_name = "N")]
     workers: Option<usize>,
 
+    /// Runspaces per worker process, each connected on its own, each running one item at a time
+    /// [default: the profile's runspaces_per_worker, else 1].
+    #[arg(long, value_name = "M")]
+    runspaces_per_worker: Option<usize>,
+
+    /// Run fewer items at once while the service throttles (cut to three quarters on a throttled
+    /// item and nothing new started while its Retry-After runs, one more after a run of unthrottled
+    /// ones); the progress line shows the current limit [default: the profile's adaptive_concurrency,
+    /// else off].
+    #[arg(long)]
+    adaptive_concurrency: bool,
+
     /// How deep output objects are serialized; deeper properties arrive as their ToString() [default: 4].
     #[arg(long, value_name = "N")]
     depth: Option<u32>,
@@ -424,8 +436,12 @@ pub struct Setup<'a> {
     pub journal: Option<PathBuf>,
     pub destination: Destination,
     pub workers: Workers,
-    /// Most items running at once.
+    /// Workers (processes) the batch may use.
     pub size: usize,
+    /// Runspaces per worker: up to `size x runspaces` items run at once.
+    pub runspaces: usize,
+    /// Whether the pool adapts its concurrency to throttling (the progress line then shows its limit).
+    pub adaptive: bool,
     /// Which commands may run, when not all.
     pub allowed: Option<Allowed>,
 }
@@ -473,6 +489,10 @@ pub struct Batch {
     /// before it starts).
     pool: Workers,
     workers: usize,
+    /// Runspaces per worker: the pool runs up to `workers x runspaces` items at once.
+    runspaces: usize,
+    /// Whether the pool's concurrency adapts to throttling (the progress line shows its limit).
+    adaptive: bool,
     timeout: Option<Duration>,
     depth: Option<u32>,
     retry_failed: bool,
@@ -514,6 +534,11 @@ impl Batch {
         if workers == 0 {
             return Err(usage("--workers must be at least 1"));
         }
+        let runspaces = args.runspaces_per_worker.unwrap_or_else(|| profile.runspaces_per_worker());
+        if !(1..=64).contains(&runspaces) {
+            return Err(usage("--runspaces-per-worker must be 1 to 64"));
+        }
+        let adaptive = args.adaptive_concurrency || profile.adaptive_concurrency();
         let stdin_taken = args.input == Path::new("-");
         let journal_path = match (&args.journal, &args.output) {
             _ if args.no_journal => None,
@@ -535,7 +560,10 @@ impl Batch {
             return Err(usage("the journal and --output must be different files"));
         }
         let mut secrets = SecretReader::with_stdin_taken(stdin_taken.then(|| "the batch input".to_owned()));
-        let pool = profile.pool_builder(profile.builder(&mut secrets).map_err(usage)?);
+        let pool = profile
+            .pool_builder(profile.builder(&mut secrets).map_err(usage)?)
+            .runspaces_per_worker(runspaces)
+            .adaptive_concurrency(adaptive);
         let options = args.options();
         let setup = Setup {
             input: &args.input,
@@ -545,6 +573,8 @@ impl Batch {
             destination: Destination::Local(args.output.clone()),
             workers: Workers::Own(Box::new(pool)),
             size: workers,
+            runspaces,
+            adaptive,
             allowed: None,
         };
         let mut batch = Batch::assemble(setup).map_err(usage)?;
@@ -557,7 +587,7 @@ impl Batch {
     /// A batch of `setup.input`, checked (a CSV input needs its command, ...), its journal opened and
     /// read, its destination opened. The message of an error says what to do.
     pub fn assemble(setup: Setup<'_>) -> Result<Batch, BatchError> {
-        let Setup { input, input_name, options, journal: journal_path, destination, workers: pool, size, allowed } = setup;
+        let Setup { input, input_name, options, journal: journal_path, destination, workers: pool, size, runspaces, adaptive, allowed } = setup;
         options.check_format(input)?;
         let timeout = match options.timeout_secs {
             Some(seconds) => Some(crate::positive_duration(seconds).ok_or_else(|| format!("--timeout must be {}", crate::SECONDS_RANGE))?),
@@ -600,6 +630,8 @@ impl Batch {
             total,
             pool,
             workers: size,
+            runspaces,
+            adaptive,
             timeout,
             depth: options.depth,
             retry_failed: options.retry_failed,
@@ -626,11 +658,11 @@ impl Batch {
                 self.previous.in_flight(),
             ));
         }
-        // Read ahead up to one item per worker, so that the pool starts no more workers than there are
+        // Read ahead up to one item per runspace, so that the pool starts no more workers than there are
         // items to run.
         let mut ready: VecDeque<(Command, Ticket)> = VecDeque::new();
         let mut stop = None;
-        while ready.len() < self.workers {
+        while ready.len() < self.workers * self.runspaces {
             match self.next_to_run(&mut tally, &progress) {
                 Ok(Some(next)) => ready.push_back(next),
                 Ok(None) => break,
@@ -643,7 +675,7 @@ impl Batch {
         let mut interrupted = None;
         let mut code = EXIT_OK;
         if !ready.is_empty() && stop.is_none() {
-            match self.start_pool(ready.len(), &mut interrupts, &mut interrupted).await {
+            match self.start_pool(ready.len().div_ceil(self.runspaces), &mut interrupts, &mut interrupted).await {
                 Ok((pool, own)) => {
                     progress.begin(&tally); // the rate counts from here, not from the workers' start-up
                     let (was_interrupted, stopped) =
@@ -818,7 +850,7 @@ impl Batch {
             .map_err(|e| format!("the workers could not start: {e}"))
     }
 
-    /// Runs the items, at most two per worker handed to the pool at a time, in input order. Returns
+    /// Runs the items, at most two per runspace handed to the pool at a time, in input order. Returns
     /// whether it was interrupted, and why it stopped otherwise. Items it did not hand over stay in
     /// `ready` or in the input.
     async fn dispatch(
@@ -830,7 +862,7 @@ impl Batch {
         interrupts: &mut Interrupts,
         mut interrupted: Option<Interrupt>,
     ) -> (Option<Interrupt>, Option<Stop>) {
-        let limit = self.workers * 2;
+        let limit = self.workers * self.runspaces * 2;
         let mut running: JoinSet<Result<InvocationResult, psbridge::Error>> = JoinSet::new();
         let mut tickets: HashMap<tokio::task::Id, (Ticket, AbortHandle)> = HashMap::new();
         // After the first signal, items that no worker has begun get the shutdown grace to begin: a batch
@@ -879,6 +911,9 @@ impl Batch {
             }
             if running.is_empty() {
                 break;
+            }
+            if self.adaptive {
+                progress.concurrency(pool.concurrency_limit());
             }
             tokio::select! {
                 Some(joined) = running.join_next_with_id() => match joined {

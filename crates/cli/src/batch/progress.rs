@@ -51,6 +51,8 @@ pub struct Progress {
     display: Display,
     total: usize,
     started: Instant,
+    /// The pool's current concurrency limit, shown when the batch adapts it to throttling.
+    limit: Option<usize>,
 }
 
 impl Progress {
@@ -69,12 +71,12 @@ impl Progress {
         } else {
             Display::Lines { every, last: Instant::now() }
         };
-        Progress { display, total, started: Instant::now() }
+        Progress { display, total, started: Instant::now(), limit: None }
     }
 
     /// For a server's batch: notes, errors and the summary go down `lines` to the client.
     pub fn remote(total: usize, lines: UnboundedSender<BatchLine>) -> Progress {
-        Progress { display: Display::Remote(lines), total, started: Instant::now() }
+        Progress { display: Display::Remote(lines), total, started: Instant::now(), limit: None }
     }
 
     /// Marks the start of this run's own work, with `tally` already done.
@@ -86,12 +88,18 @@ impl Progress {
         }
     }
 
+    /// The pool's concurrency limit now (`--adaptive-concurrency`), shown from the next update on.
+    pub fn concurrency(&mut self, limit: usize) {
+        self.limit = Some(limit);
+    }
+
     /// Updates the display after an item finished.
     pub fn update(&mut self, tally: &Tally) {
+        let limit = self.limit_text();
         match &mut self.display {
             Display::Bar(bar) => {
                 bar.set_position(tally.done() as u64);
-                bar.set_message(format!("{} ok, {} failed", tally.succeeded, tally.failed));
+                bar.set_message(format!("{} ok, {} failed{limit}", tally.succeeded, tally.failed));
             }
             Display::Lines { every, last } if last.elapsed() >= *every => {
                 *last = Instant::now();
@@ -143,11 +151,16 @@ impl Progress {
         let left = self.total.saturating_sub(tally.done());
         let eta = if rate > 0.0 { format!("{:.0} s", left as f64 / rate) } else { "unknown".to_owned() };
         format!(
-            "psbridge batch: {}/{} done ({} succeeded, {} failed), {rate:.1} items/s, ETA {eta}",
+            "psbridge batch: {}/{} done ({} succeeded, {} failed), {rate:.1} items/s, ETA {eta}{}",
             tally.done(),
             self.total,
             tally.succeeded,
-            tally.failed
+            tally.failed,
+            self.limit_text(),
         )
+    }
+
+    fn limit_text(&self) -> String {
+        self.limit.map_or_else(String::new, |limit| format!(", concurrency limit {limit}"))
     }
 }

@@ -376,8 +376,7 @@ async fn invoke(
         e.parameters = request.parameter_names();
     });
     if let Err(refusal) = check_policy(&served, &request) {
-        state.metrics.command(&profile, CommandStatus::Refused, audited.started.elapsed());
-        audited.note(|e| e.outcome = "refused".to_owned());
+        finished(&state, &profile, &audited, CommandStatus::Refused);
         return Err(refusal.into());
     }
     let command = request.to_command().map_err(|reason| Failure::new(StatusCode::BAD_REQUEST, ErrorKind::InvalidRequest, reason))?;
@@ -405,15 +404,7 @@ async fn invoke(
 /// Counts and audits a command's end.
 fn finished(state: &State, profile: &str, audited: &Audited, status: CommandStatus) {
     state.metrics.command(profile, status, audited.started.elapsed());
-    audited.note(|e| {
-        e.outcome = match status {
-            CommandStatus::Succeeded => "succeeded",
-            CommandStatus::Failed => "failed",
-            CommandStatus::Error => "error",
-            CommandStatus::Refused => "refused",
-        }
-        .to_owned();
-    });
+    audited.note(|e| e.outcome = status.label().to_owned());
 }
 
 /// A body fed line by line from a task; the task sees the client go away as a failed send.

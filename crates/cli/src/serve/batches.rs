@@ -91,6 +91,8 @@ pub async fn batches(
         destination: Destination::Stream(tx.clone()),
         workers: Workers::Shared((*lease).clone()),
         size: served.workers,
+        runspaces: served.runspaces,
+        adaptive: served.profile.adaptive_concurrency(),
         allowed: Some(Box::new(move |name| policy.check_command(name).map_err(|refusal| refusal.to_string()))),
     };
     let batch = Batch::assemble(setup).map_err(|error| match &error {

@@ -28,7 +28,8 @@ pub enum CommandStatus {
 }
 
 impl CommandStatus {
-    fn label(self) -> &'static str {
+    /// Its name, in the metrics and the audit.
+    pub fn label(self) -> &'static str {
         match self {
             CommandStatus::Succeeded => "succeeded",
             CommandStatus::Failed => "failed",
@@ -112,6 +113,10 @@ impl Metrics {
         family(&mut out, "psbridge_queue_depth", "gauge", "Commands waiting for a worker.");
         for (profile, stats) in &pools {
             let _ = writeln!(out, "psbridge_queue_depth{{profile=\"{profile}\"}} {}", stats.as_ref().map_or(0, |s| s.queued));
+        }
+        family(&mut out, "psbridge_concurrency_limit", "gauge", "Commands the pool lets run at once now (adaptive_concurrency lowers it on throttling).");
+        for (profile, stats) in pools.iter().filter_map(|(p, s)| s.as_ref().map(|s| (p, s))) {
+            let _ = writeln!(out, "psbridge_concurrency_limit{{profile=\"{profile}\"}} {}", stats.concurrency_limit);
         }
         family(&mut out, "psbridge_workers", "gauge", "Workers by state.");
         for (profile, stats) in &pools {

@@ -67,6 +67,11 @@ pub struct ServeArgs {
     #[arg(long, short, value_name = "N")]
     pub workers: Option<usize>,
 
+    /// Connected runspaces per worker process, each running one command at a time [default: the
+    /// profile's runspaces_per_worker, else 1].
+    #[arg(long, value_name = "M")]
+    pub runspaces_per_worker: Option<usize>,
+
     /// Workers per profile kept connected while its pool is open [default: 1].
     #[arg(long, value_name = "N", default_value = "1")]
     pub min_workers: usize,
@@ -184,12 +189,17 @@ fn load(args: &ServeArgs, globals: &Globals, secrets: &mut SecretReader) -> Resu
         if max == 0 || args.min_workers == 0 {
             return Err(CliError::usage("--workers and --min-workers must be at least 1"));
         }
+        let runspaces = args.runspaces_per_worker.unwrap_or_else(|| profile.runspaces_per_worker());
+        if !(1..=64).contains(&runspaces) {
+            return Err(CliError::usage("--runspaces-per-worker must be 1 to 64"));
+        }
         let builder = profile
             .pool_builder(profile.builder(secrets)?)
+            .runspaces_per_worker(runspaces)
             .min_workers(args.min_workers.min(max))
             .max_workers(max)
             .shutdown_grace(args.shutdown_grace);
-        served.push(Served::new(profile, policy, builder, max, !args.lazy));
+        served.push(Served::new(profile, policy, builder, (max, runspaces), !args.lazy));
     }
     Ok(served)
 }
@@ -234,7 +244,7 @@ pub async fn run(args: ServeArgs, globals: Globals) -> Result<(), CliError> {
             let client = crate::queue::connect::connect(url, &config, &mut secrets, "psbridge serve", crate::queue::connect::Patience::Wait)
                 .await
                 .map_err(CliError::usage)?;
-            let profiles = pools.all().iter().map(|s| (s.name.clone(), s.workers)).collect();
+            let profiles = pools.all().iter().map(|s| (s.name.clone(), s.workers * s.runspaces)).collect();
             let options = crate::queue::host::HostOptions { ack_wait: args.ack_wait, name: crate::queue::host::host_name() };
             Some(tokio::spawn(crate::queue::host::run(client, pools.clone(), profiles, options, shutdown.child_token())))
         }

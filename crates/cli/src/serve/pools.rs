@@ -45,8 +45,10 @@ pub struct Served {
     builder: PoolBuilder,
     /// Started at launch (not `--lazy`): the health check waits for it.
     pub eager: bool,
-    /// Most workers of its pool (how many batch items run at once).
+    /// Most workers (processes) of its pool.
     pub workers: usize,
+    /// Runspaces per worker: up to `workers x runspaces` commands run at once.
+    pub runspaces: usize,
     /// The open pool, if any; the lock is held while one is being opened.
     pool: tokio::sync::Mutex<Option<Arc<RunspacePool>>>,
     /// The open pool, for readers that must not wait for an open in progress (statistics).
@@ -62,7 +64,9 @@ pub struct Served {
 
 impl Served {
     /// A profile to serve; nothing starts yet.
-    pub fn new(profile: Profile, policy: Policy, builder: PoolBuilder, workers: usize, eager: bool) -> Served {
+    /// `size` is (most workers, runspaces per worker).
+    pub fn new(profile: Profile, policy: Policy, builder: PoolBuilder, size: (usize, usize), eager: bool) -> Served {
+        let (workers, runspaces) = size;
         Served {
             name: profile.name.clone().unwrap_or_default(),
             profile,
@@ -70,6 +74,7 @@ impl Served {
             builder,
             eager,
             workers,
+            runspaces,
             pool: tokio::sync::Mutex::new(None),
             current: Mutex::new(None),
             users: AtomicUsize::new(0),
@@ -96,10 +101,11 @@ impl Served {
         Ok(pool)
     }
 
-    /// Takes the pool away (to close it) when `only` is it or `None`; later uses open a new one.
-    async fn take(&self, only: Option<&Arc<RunspacePool>>) -> Option<Arc<RunspacePool>> {
+    /// Takes the open pool away (to close it) when `due` says so, under the open lock (a request that
+    /// arrives meanwhile waits, then opens a new one).
+    async fn take_if(&self, due: impl FnOnce(&Arc<RunspacePool>) -> bool) -> Option<Arc<RunspacePool>> {
         let mut slot = self.pool.lock().await;
-        if only.is_some_and(|only| slot.as_ref().is_none_or(|current| !Arc::ptr_eq(current, only))) {
+        if !slot.as_ref().is_some_and(due) {
             return None;
         }
         *lock(&self.current) = None;
@@ -128,23 +134,17 @@ impl Served {
 
     /// Closes its pool if it is open (running commands get the pool's shutdown grace).
     async fn close(&self) {
-        if let Some(pool) = self.take(None).await {
+        if let Some(pool) = self.take_if(|_| true).await {
             pool.close().await;
         }
     }
 
     /// Closes its pool when it has been idle for `limit`.
     async fn close_if_idle(&self, limit: Duration) {
-        // Counted under the open lock: a request that arrives meanwhile waits and opens a new pool.
-        let mut slot = self.pool.lock().await;
-        if slot.is_none() || self.idle_for() < limit {
-            return;
+        if let Some(pool) = self.take_if(|_| self.idle_for() >= limit).await {
+            tracing::info!(profile = %self.name, idle = ?limit, "closing the idle pool");
+            pool.close().await;
         }
-        tracing::info!(profile = %self.name, idle = ?limit, "closing the idle pool");
-        *lock(&self.current) = None;
-        let pool = slot.take().expect("checked above");
-        drop(slot);
-        pool.close().await;
     }
 }
 
@@ -159,7 +159,7 @@ impl Lease {
     /// Drops this pool for good after it gave up on starting workers (every later command would fail
     /// the same way): the next request opens a fresh one.
     pub async fn discard(self) {
-        if let Some(pool) = self.served.take(Some(&self.pool)).await {
+        if let Some(pool) = self.served.take_if(|current| Arc::ptr_eq(current, &self.pool)).await {
             tokio::spawn(async move { pool.close().await });
         }
     }
@@ -252,7 +252,7 @@ impl Pools {
             let mut next = BTreeMap::new();
             for new in fresh {
                 match served.remove(&new.name) {
-                    Some(old) if old.profile.spec == new.profile.spec && old.eager == new.eager && old.workers == new.workers => {
+                    Some(old) if old.profile.spec == new.profile.spec && old.eager == new.eager && old.workers == new.workers && old.runspaces == new.runspaces => {
                         // Unchanged: the pool stays (the rules come from the same spec, or from --allow-all,
                         // which a reload does not change).
                         next.insert(old.name.clone(), old);

@@ -1,8 +1,15 @@
 //! Running the `psbridge` binary against the simulated module, with a private configuration, data folder
 //! and tenant.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Child, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// A private world for one test: `config.toml` (profile `sim`), a data folder and a tenant.
 pub struct CliEnv {
@@ -132,4 +139,70 @@ pub fn jsonl(text: &str) -> Vec<serde_json::Value> {
 /// A file's text (panics with its name when missing).
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A psbridge started in the background, its stderr read line by line as it comes.
+pub struct Running {
+    pub child: Child,
+    stderr: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+}
+
+impl Running {
+    pub fn start(mut command: std::process::Command, stdout: Stdio) -> Running {
+        let mut child = command.stdout(stdout).stderr(Stdio::piped()).spawn().unwrap();
+        let (lines, stderr) = mpsc::channel();
+        let reader = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let stdout = child.stdout.take().map(|mut out| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = out.read_to_end(&mut bytes);
+                bytes
+            })
+        });
+        Running { child, stderr, seen: Vec::new(), stdout }
+    }
+
+    /// Waits (up to two minutes) for a stderr line containing `marker`; returns what follows it.
+    pub fn wait_for(&mut self, marker: &str) -> String {
+        let end = Instant::now() + Duration::from_secs(120);
+        while let Ok(line) = self.stderr.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            self.seen.push(line.clone());
+            if let Some(at) = line.find(marker) {
+                return line[at + marker.len()..].trim().to_owned();
+            }
+        }
+        panic!("no {marker:?} on stderr; it said: {:?}", self.seen);
+    }
+
+    /// Everything it wrote on stderr so far (for failure messages).
+    pub fn said(&mut self) -> String {
+        self.seen.extend(self.stderr.try_iter());
+        self.seen.join("\n")
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// Waits for the exit (up to a minute); returns the status, stdout and all of stderr.
+    pub fn finish(mut self) -> (ExitStatus, String, String) {
+        let end = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < end, "psbridge did not exit; stderr: {:?}", self.seen);
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let stdout = self.stdout.take().map(|h| text(&h.join().unwrap())).unwrap_or_default();
+        self.seen.extend(self.stderr.iter());
+        (status, stdout, self.seen.join("\n"))
+    }
 }

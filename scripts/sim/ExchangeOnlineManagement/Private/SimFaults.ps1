@@ -12,6 +12,9 @@
 #   EXO_SIM_HANG_ON           identity: looking it up blocks the thread forever (PowerShell.Stop() cannot end it).
 #   EXO_SIM_NOISE             1: stray console writes inside every call; 2: also a native child that
 #                             writes straight to the inherited stdout/stderr file descriptors.
+#   EXO_SIM_BUDGET            N/duration (100/5s, 600/1m, 5/2000ms): the tenant's cmdlet budget, shared
+#                             by every process: at most N REST-backed calls in any window of that length;
+#                             beyond it a call fails at once with HTTP 429 and a Retry-After.
 #
 # Error shapes (what a caller sees in $_ / $Error[0]), as observed on the real module 3.9.0:
 #   not connected   Get-EXOMailbox: terminating; 'You must call Connect-ExchangeOnline before calling
@@ -271,6 +274,79 @@ function Invoke-SimRetrySchedule {
         Write-Verbose ('[ThreadID: #] Retry count {0}. Request failed with error "{1}". . Waiting {2} seconds' -f ($retry + 1), $script:SimRestQueryFailed, $seconds)
         $milliseconds = [int][Math]::Round($seconds * 1000 * (Get-SimRetryScale))
         if ($milliseconds -gt 0) { Start-Sleep -Milliseconds $milliseconds }
+    }
+}
+
+function Get-SimBudget {
+    <#
+        EXO_SIM_BUDGET parsed: @{ Limit = N; Window = ticks } or $null when unset. 'N/duration', the
+        duration a number with ms, s (the default) or m. A malformed value is an error, not ignored.
+    #>
+    [CmdletBinding()]
+    param()
+    $text = [Environment]::GetEnvironmentVariable('EXO_SIM_BUDGET')
+    if ([string]::IsNullOrWhiteSpace($text)) { return $null }
+    $cached = $script:SimBudgetCache
+    if ($null -ne $cached -and $cached.Text -eq $text) { return $cached }
+    if ($text.Trim() -notmatch '^(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?$') {
+        throw [ArgumentException]::new("EXO_SIM_BUDGET '$text' is not N/duration (for example 100/5s).")
+    }
+    $unit = @{ ms = 1; s = 1000; m = 60000 }[$(if ($Matches[3]) { $Matches[3] } else { 's' })]
+    $milliseconds = [double]::Parse($Matches[2], $script:SimInvariant) * $unit
+    $budget = [pscustomobject]@{ Text = $text; Limit = [int]$Matches[1]; Window = [long]($milliseconds * [TimeSpan]::TicksPerMillisecond) }
+    $script:SimBudgetCache = $budget
+    return $budget
+}
+$script:SimBudgetCache = $null
+
+function Request-SimBudget {
+    <#
+        Charges one call to the tenant's budget (EXO_SIM_BUDGET), which every process of the tenant
+        shares through <tenant>/budget.state, read and rewritten under locks/budget.lock. A sliding
+        window of every call the service answered, refused ones included (as SharePoint Online documents
+        for its own throttling: throttled requests count towards the usage limits, so a client that does
+        not back off is throttled longer): a call is admitted when fewer than N calls fell in the last
+        window. Returns 0 when admitted, else the Retry-After in whole seconds (at least 1): when the
+        oldest call leaves the window. budget.state keeps, on its first line, how many calls were admitted
+        and how many refused since the tenant was made ('admitted throttled'), then the times (UTC ticks)
+        of the calls in the current window.
+    #>
+    [CmdletBinding()]
+    [OutputType([int])]
+    param([Parameter(Mandatory)]$Budget, [Parameter(Mandatory)]$Layout)
+    $ErrorActionPreference = 'Stop'
+    $path = [IO.Path]::Combine($Layout.Root, 'budget.state')
+    $lock = Enter-SimFileLock -Path ([IO.Path]::Combine($Layout.Locks, 'budget.lock'))
+    try {
+        $lines = [string[]]@(if ([IO.File]::Exists($path)) { [IO.File]::ReadAllLines($path) } else { '0 0' })
+        $totals = $lines[0].Split(' ')
+        $admitted = [long]$totals[0]
+        $throttled = [long]$totals[1]
+        $now = [DateTime]::UtcNow.Ticks
+        $recent = [Collections.Generic.List[long]]::new()
+        for ($i = 1; $i -lt $lines.Count; $i++) {
+            $tick = [long]$lines[$i]
+            if ($tick -gt $now - $Budget.Window) { $recent.Add($tick) }
+        }
+        $retryAfter = 0
+        if ($recent.Count -lt $Budget.Limit) {
+            $recent.Add($now)
+            $admitted++
+        }
+        else {
+            $throttled++
+            $recent.Add($now)
+            $wait = $recent[0] + $Budget.Window - $now
+            $retryAfter = [int][Math]::Max(1, [Math]::Ceiling($wait / [double][TimeSpan]::TicksPerSecond))
+        }
+        $text = [Text.StringBuilder]::new()
+        $null = $text.Append($admitted).Append(' ').Append($throttled).Append("`n")
+        foreach ($tick in $recent) { $null = $text.Append($tick).Append("`n") }
+        [IO.File]::WriteAllText($path, $text.ToString(), $script:SimUtf8)
+        return $retryAfter
+    }
+    finally {
+        $lock.Dispose()
     }
 }
 
