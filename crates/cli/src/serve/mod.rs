@@ -133,7 +133,8 @@ pub struct ServeArgs {
 
     /// Also run the items that `batch --queue` publishes to this NATS JetStream server
     /// (nats://HOST:PORT, or tls://HOST:PORT) for the profiles served at launch, as many at once as
-    /// each pool has --workers; credentials come from the configuration's [queue] section.
+    /// each pool can run (--workers × --runspaces-per-worker); credentials come from the
+    /// configuration's [queue] section.
     #[arg(long, value_name = "URL")]
     pub queue: Option<String>,
 
