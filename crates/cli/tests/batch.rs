@@ -111,20 +111,7 @@ fn a_batch_killed_part_way_resumes_and_creates_every_mailbox_exactly_once() {
     assert_eq!(lines.len(), 240, "one result per item: {stderr}");
     let previous = results.iter().filter(|r| r["previous_run"] == true).count();
     assert!(previous >= done_before.min(60), "finished items were not run again ({previous} of {done_before})");
-    for r in &results {
-        if r["status"] != "succeeded" {
-            // Only an item that was in flight at the kill may find its mailbox already there.
-            assert_eq!(r["resumed_in_flight"], true, "{r}");
-            assert!(r["errors"][0]["message"].as_str().unwrap().contains("is being used by another recipient"), "{r}");
-        }
-        if r["resumed_in_flight"] == true {
-            assert!(r["attempts"].as_u64().unwrap() >= 2, "attempts count both runs: {r}");
-        }
-    }
-    assert!(results.iter().any(|r| r["resumed_in_flight"] == true), "the kill caught items in flight");
-    let names: Vec<String> = env.mailbox_names().into_iter().filter(|n| n.starts_with("Kill")).collect();
-    assert_eq!(names.len(), 240, "every mailbox exists");
-    assert_eq!(names.iter().collect::<BTreeSet<_>>().len(), 240, "and exactly once");
+    common::cli::assert_each_mailbox_made_once(&env, &results, "Kill", 240, &stderr);
 }
 
 #[test]

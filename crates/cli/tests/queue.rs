@@ -366,20 +366,7 @@ fn two_thousand_keyed_items_complete_when_a_host_is_killed_and_every_mailbox_exi
     let results = jsonl(&read(&output));
     let lines = by_line(&results);
     assert_eq!(lines.keys().copied().collect::<Vec<_>>(), (1..=2000).collect::<Vec<_>>(), "one result per item: {stderr}");
-    for r in &results {
-        if r["status"] != "succeeded" {
-            // Only an item that was running on the killed host may find its mailbox already made.
-            assert_eq!(r["resumed_in_flight"], true, "{r}");
-            assert!(r["errors"][0]["message"].as_str().unwrap().contains("is being used by another recipient"), "{r}");
-        }
-        if r["resumed_in_flight"] == true {
-            assert!(r["attempts"].as_u64().unwrap() >= 2, "attempts count both runs: {r}");
-        }
-    }
-    assert!(results.iter().any(|r| r["resumed_in_flight"] == true), "the killed host's items ran again elsewhere: {stderr}");
-    let names: Vec<String> = env.mailbox_names().into_iter().filter(|n| n.starts_with('Q')).collect();
-    assert_eq!(names.len(), 2000, "every mailbox exists");
-    assert_eq!(names.iter().collect::<BTreeSet<_>>().len(), 2000, "and exists once");
+    common::cli::assert_each_mailbox_made_once(&env, &results, "Q", 2000, &stderr);
     let (succeeded, failed, skipped) = summary_counts(&stderr);
     let counted = |status: &str| results.iter().filter(|r| r["status"] == status).count() as u64;
     assert_eq!((succeeded, failed, skipped), (counted("succeeded"), 2000 - counted("succeeded"), 0), "{stderr}");

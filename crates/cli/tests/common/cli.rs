@@ -206,3 +206,22 @@ impl Running {
         (status, stdout, self.seen.join("\n"))
     }
 }
+
+/// After a batch of New-Mailbox items (names starting with `prefix`) survived a kill mid-run: only an item
+/// that was in flight may have failed, and only because its mailbox was already made; such items count
+/// both runs; the kill caught some; and every one of the `count` mailboxes exists exactly once.
+pub fn assert_each_mailbox_made_once(env: &CliEnv, results: &[serde_json::Value], prefix: &str, count: usize, context: &str) {
+    for r in results {
+        if r["status"] != "succeeded" {
+            assert_eq!(r["resumed_in_flight"], true, "{r}");
+            assert!(r["errors"][0]["message"].as_str().unwrap().contains("is being used by another recipient"), "{r}");
+        }
+        if r["resumed_in_flight"] == true {
+            assert!(r["attempts"].as_u64().unwrap() >= 2, "attempts count both runs: {r}");
+        }
+    }
+    assert!(results.iter().any(|r| r["resumed_in_flight"] == true), "the kill caught items in flight: {context}");
+    let names: Vec<String> = env.mailbox_names().into_iter().filter(|n| n.starts_with(prefix)).collect();
+    assert_eq!(names.len(), count, "every mailbox exists");
+    assert_eq!(names.iter().collect::<std::collections::BTreeSet<_>>().len(), count, "and exactly once");
+}
